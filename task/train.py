@@ -1,0 +1,67 @@
+"""Local training and token-weighted perplexity: plain PyTorch loops."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    nll_sum: float   # summed next-token negative log-likelihood (nats)
+    tokens: int      # number of predicted tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+
+def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_size: int,
+                lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0) -> float:
+    """AdamW over the trainable (adapter) parameters only; returns the mean training loss.
+
+    ``max_steps`` caps the optimizer steps of this call (0 = the full ``epochs``), which is how
+    CPU runs keep a round short.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    model.train()
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(blocks), generator=generator)
+        for start in range(0, len(blocks), batch_size):
+            batch = blocks[order[start:start + batch_size]]
+            loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses)}")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if max_steps and len(losses) >= max_steps:
+                break
+        if max_steps and len(losses) >= max_steps:
+            break
+    model.eval()
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def evaluate_nll(model: nn.Module, blocks: torch.Tensor, *, batch_size: int,
+                 max_batches: int = 0) -> EvalResult:
+    """Summed NLL over the first ``max_batches`` batches (0 = all): a fixed, comparable subset."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for i, start in enumerate(range(0, len(blocks), batch_size)):
+        if max_batches and i >= max_batches:
+            break
+        batch = blocks[start:start + batch_size]
+        n = batch.numel() - batch.shape[0]  # the first token of each block is not predicted
+        nll += model(input_ids=batch, labels=batch).loss.item() * n
+        tokens += n
+    return EvalResult(nll, tokens)

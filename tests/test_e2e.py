@@ -1,0 +1,54 @@
+"""`flwr run .` end to end under the simulation engine (the smoke config, 10 clients, 2 rounds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from task.config import RunConfig
+from task.model import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_smoke_run_completes_learns_and_writes_results(tmp_path):
+    out = tmp_path / "out"
+    cache = Path(os.environ["FEDGEN_EDGE_HOME"]) / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "10",
+         "--flwr-home", str(tmp_path / "flwr"), "--timeout", "600",
+         "--run-config", "conf/smoke.toml",
+         "--run-config", f"output-dir='{out}' cache-dir='{cache}'"],
+        cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert results["num_clients"] == 10 and results["clients_per_round"] == 5
+    assert rounds[-1]["global_ppl"] < rounds[0]["global_ppl"], "perplexity must drop"
+    for r in rounds[1:]:
+        assert r["num_updates"] == 5 and r["rejected"] == 0 and r["failures"] == 0
+        # only adapters travel: 5 uploads of about adapter_params float32 each, not the backbone
+        adapter_bytes = 4 * results["adapter_params"]
+        assert 5 * adapter_bytes < r["upload_bytes"] < 5 * 4 * results["backbone_params"] / 100
+    final = results["final"]
+    assert final["upload_bytes_total"] == sum(r["upload_bytes"] for r in rounds)
+    assert final["personalized_ppl"] > 0 and final["local_global_ppl"] > 0
+    assert (out / "metrics.csv").read_text().count("\n") == 4  # header + rounds 0..2
+    assert (out / "perplexity.png").stat().st_size > 0
+    assert json.loads((out / "state.json").read_text())["round"] == 2
+
+    # The global adapter is a standard peft checkpoint.
+    cfg = RunConfig.from_run_config({"backbone": "tiny-gpt2", "seq-len": 32, "cache-dir": str(cache)})
+    model = PeftModel.from_pretrained(load_backbone(cfg), out / "global-adapter")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+    # Personal adapters stayed with the clients that trained.
+    assert list((out / "clients").glob("client-*/personal-adapter/adapter_model.safetensors"))
