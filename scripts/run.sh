@@ -10,4 +10,5 @@ name=default
 for arg in "$@"; do [[ "$arg" == *.toml ]] && name=$(basename "$arg" .toml); done
 args=(--run-config "output-dir='$PWD/outputs/$name' cache-dir='$PWD/.cache/fedgen'")
 for arg in "$@"; do args+=(--run-config "$arg"); done
-exec .venv/bin/python scripts/simulate.py --num-supernodes "${NUM_SUPERNODES:-100}" "${args[@]}"
+exec .venv/bin/python scripts/simulate.py --num-supernodes "${NUM_SUPERNODES:-100}" --report-memory \
+  "${args[@]}"

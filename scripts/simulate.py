@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -74,23 +75,58 @@ def merge_run_config(items: list[str]) -> dict:
     return merged
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop the SuperLink's whole process group (simulation process, Ray) and reap it."""
-    if proc.poll() is None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+class PeakMemory(threading.Thread):
+    """Samples the summed RSS of a process and all its descendants (SuperLink, ServerApp, Ray)."""
+
+    def __init__(self, pid: int, interval: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.peak_bytes = pid, interval, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.wait(self.interval):
             try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
+                root = psutil.Process(self.pid)
+                procs = [root] + root.children(recursive=True)
+            except psutil.Error:
                 continue
-    try:  # children that outlived the leader keep the group id
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_bytes = max(self.peak_bytes, total)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the SuperLink and every process under it, by PID.
+
+    SuperExec starts its own session (so a process-group kill misses it and the simulation and
+    Ray processes under it): collect the whole tree first, then TERM, wait, KILL what is left.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    proc.wait(timeout=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-config", action="append", default=[])
     parser.add_argument("--flwr-home", default=str(ROOT / ".flwr"))
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the whole run")
+    parser.add_argument("--report-memory", action="store_true",
+                        help="print the peak summed RSS of every process of the run")
     args = parser.parse_args(argv)
+    # SIGTERM (e.g. a CI timeout) must still run the finally below that stops the SuperLink.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     home = Path(args.flwr_home).resolve()
     port = free_port()  # Flower 1.41 serves the runtime, control and fleet APIs on one HTTP port
     write_flower_home(home, port, args.num_supernodes, min(args.num_cpus, os.cpu_count() or 1))
-    env = {**os.environ, "FLWR_HOME": str(home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     bin_dir = Path(sys.executable).parent
+    # The SuperLink starts flower-superexec / flwr-simulation by name: they must be on PATH.
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     log_file = home / "superlink.log"
     superlink = subprocess.Popen(
         [str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
@@ -117,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
          "--host", "127.0.0.1", "--port", str(port),
          "--log-file", str(log_file)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    watcher = PeakMemory(superlink.pid)
+    if args.report_memory:
+        watcher.start()
+    t0 = time.time()
     try:
         wait_for_port(port, superlink)
         cmd = [str(bin_dir / "flwr"), "run", str(ROOT), "fedgen", "--stream"]
@@ -127,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, env=env, cwd=ROOT, timeout=args.timeout).returncode
     finally:
+        watcher.done.set()
+        if args.report_memory:
+            print(f"peak RSS of all run processes: {watcher.peak_bytes / 2**30:.2f} GiB; "
+                  f"wall {time.time() - t0:.0f} s", flush=True)
         stop(superlink)
 
 

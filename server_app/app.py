@@ -69,6 +69,7 @@ def main(grid: Grid, context: Context) -> None:
                "train_loss": stats.get("train_loss", math.nan),
                "upload_bytes": stats.get("upload_bytes", 0),
                "download_bytes": stats.get("download_bytes", 0),
+               "eval_bytes": stats.get("eval_upload_bytes", 0) + stats.get("eval_download_bytes", 0),
                "num_updates": stats.get("num_updates", 0), "rejected": stats.get("rejected", 0),
                "failures": stats.get("failures", 0), **fed,
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}

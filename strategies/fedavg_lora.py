@@ -51,8 +51,9 @@ class FedAvgLoRA(FedAvg):
 
     def _stats(self, server_round: int) -> dict:
         return self.round_stats.setdefault(server_round, {
-            "upload_bytes": 0, "download_bytes": 0, "num_updates": 0, "failures": 0,
-            "rejected": 0, "train_loss": math.nan})
+            "upload_bytes": 0, "download_bytes": 0, "eval_upload_bytes": 0,
+            "eval_download_bytes": 0, "num_updates": 0, "failures": 0, "rejected": 0,
+            "train_loss": math.nan})
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   grid: Grid, fraction: float, message_type: str) -> list[Message]:
@@ -61,7 +62,8 @@ class FedAvgLoRA(FedAvg):
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         # Every sampled node receives this same payload.
-        self._stats(server_round)["download_bytes"] += wire_bytes(record) * len(nodes)
+        key = "download_bytes" if message_type == MessageType.TRAIN else "eval_download_bytes"
+        self._stats(server_round)[key] += wire_bytes(record) * len(nodes)
         log.info("round %d %s: %d nodes sampled", server_round, message_type, len(nodes))
         return [Message(content=record, message_type=message_type, dst_node_id=n) for n in nodes]
 
@@ -99,7 +101,7 @@ class FedAvgLoRA(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Token-weighted local-test perplexity of the global and the personalized adapters."""
         replies = list(replies)
-        self._stats(server_round)["upload_bytes"] += sum(
+        self._stats(server_round)["eval_upload_bytes"] += sum(
             wire_bytes(m.content) for m in replies if not m.has_error())
         valid, _, _ = split_replies(replies, None, "aggregate_evaluate")
         rows = []

@@ -43,7 +43,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 QV_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
               "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"]}
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entered: shared_lora_model -> load_backbone -> cache
 _SHARED: dict[tuple, PeftModel] = {}
 _TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}
 

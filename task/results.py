@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes",
+ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes", "eval_bytes",
                 "num_updates", "rejected", "failures", "local_global_ppl", "personalized_ppl",
                 "wall_s", "elapsed_s"]
 CLIENT_FIELDS = ["round", "partition_id", "global_ppl", "personal_ppl", "tokens"]

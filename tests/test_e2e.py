@@ -16,6 +16,20 @@ from task.model import load_backbone
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _processes_with_flwr_home(home: Path) -> list[int]:
+    """PIDs still alive that inherited this run's FLWR_HOME (SuperLink, SuperExec, Ray...)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FLWR_HOME") == str(home):
+                pids.append(p.pid)
+        except (psutil.Error, OSError):
+            pass
+    return pids
+
+
 @pytest.mark.slow
 def test_smoke_run_completes_learns_and_writes_results(tmp_path):
     out = tmp_path / "out"
@@ -27,6 +41,7 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
          "--run-config", f"output-dir='{out}' cache-dir='{cache}'"],
         cwd=ROOT, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
 
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
