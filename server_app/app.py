@@ -1,24 +1,27 @@
-"""ServerApp: federate LoRA adapters, evaluate the global one, write results as they happen."""
+"""ServerApp: run the configured strategy, evaluate the global model, write results as they happen."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import build_strategy
-from strategies.common import log, summarize_client_evals
+from strategies import build_strategy, is_full_model, strategy_entry
+from strategies.centralized import train_centralized
+from strategies.common import log, sample_node_ids, split_replies, summarize_client_evals
 from task.config import RunConfig
-from task.data import global_test_blocks, load_corpus
+from task.data import client_blocks, global_test_blocks, load_corpus
 from task.model import (
-    get_adapter_state,
     parameter_counts,
     save_adapter,
     set_adapter_state,
+    set_full_state,
+    shared_full_model,
     shared_lora_model,
 )
 from task.results import RunRecorder
@@ -30,19 +33,23 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
+    entry = strategy_entry(cfg)
     out = cfg.output_path
-    shutil.rmtree(out / "clients", ignore_errors=True)  # personal adapters of an earlier run
+    shutil.rmtree(out / "clients", ignore_errors=True)  # personal models of an earlier run
     log.info("FedGen-Edge: %s on %s/%s, strategy %s, output %s", cfg.backbone, cfg.dataset,
              cfg.partitioner, cfg.strategy, out)
 
     t0 = time.time()
     load_corpus(cfg)  # build the shared corpus cache once, before any client needs it
-    model = shared_lora_model(cfg)
+    full = is_full_model(cfg)
+    lora_model = shared_lora_model(cfg)
+    model = shared_full_model(cfg) if full else lora_model
+    load = set_full_state if full else set_adapter_state
     test_blocks = global_test_blocks(cfg)
-    adapter_params, backbone_params = parameter_counts(model)
-    initial_arrays = ArrayRecord(get_adapter_state(model))
-    strategy = build_strategy(cfg, initial_arrays)
+    adapter_params, backbone_params = parameter_counts(lora_model)
+    initial_arrays = ArrayRecord(entry.module.server_initial_state(cfg))
     num_clients = len(list(grid.get_node_ids()))
+    clients_per_round = max(1, int(num_clients * cfg.fraction_train))
     log.info("adapter %d parameters vs backbone %d (%.3f%%); %d clients; setup %.1fs",
              adapter_params, backbone_params, 100 * adapter_params / backbone_params,
              num_clients, time.time() - t0)
@@ -50,20 +57,22 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(out, {
         "task": cfg.task, "backbone": cfg.backbone, "dataset": cfg.dataset,
         "partitioner": cfg.partitioner, "strategy": cfg.strategy, "num_clients": num_clients,
-        "clients_per_round": max(1, int(num_clients * cfg.fraction_train)),
-        "num_rounds": cfg.num_server_rounds, "adapter_params": adapter_params,
-        "backbone_params": backbone_params, "global_test_tokens": _eval_tokens(cfg, test_blocks),
+        "clients_per_round": clients_per_round, "num_rounds": cfg.num_server_rounds,
+        "adapter_params": adapter_params, "backbone_params": backbone_params,
+        "trained_params": backbone_params if full else adapter_params,
+        "global_test_tokens": _eval_tokens(cfg, test_blocks),
         "config": {RunConfig.key_of(k): v for k, v in cfg.__dict__.items()},
     })
     clock = {"start": time.time(), "last": time.time()}
+    strategy = None
 
-    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        set_adapter_state(model, arrays.to_torch_state_dict())
+    def evaluate_global(server_round: int, arrays: ArrayRecord | dict) -> MetricRecord:
+        state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
+        load(model, entry.module.server_global_state(cfg, state))
         result = evaluate_nll(model, test_blocks, batch_size=cfg.batch_size,
                               max_batches=cfg.eval_max_batches)
-        stats = strategy.round_stats.get(server_round, {})
-        personal = strategy.client_evals.get(server_round, [])
-        fed = summarize_client_evals(personal)
+        stats = strategy.round_stats.get(server_round, {}) if strategy else {}
+        client_rows = strategy.client_evals.get(server_round, []) if strategy else []
         now = time.time()
         row = {"round": server_round, "global_ppl": result.perplexity,
                "train_loss": stats.get("train_loss", math.nan),
@@ -71,40 +80,89 @@ def main(grid: Grid, context: Context) -> None:
                "download_bytes": stats.get("download_bytes", 0),
                "eval_bytes": stats.get("eval_upload_bytes", 0) + stats.get("eval_download_bytes", 0),
                "num_updates": stats.get("num_updates", 0), "rejected": stats.get("rejected", 0),
-               "failures": stats.get("failures", 0), **fed,
+               "failures": stats.get("failures", 0), **summarize_client_evals(client_rows),
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
-        recorder.add_round(row, [_client_row(r) for r in personal])
-        if server_round and (server_round % cfg.checkpoint_every == 0
-                             or server_round == cfg.num_server_rounds):
-            save_adapter(model, out / "checkpoints" / f"round-{server_round:04d}")
+        recorder.add_round(row, [_client_row(r) for r in client_rows])
+        if server_round and not full and (server_round % cfg.checkpoint_every == 0
+                                          or server_round == cfg.num_server_rounds):
+            save_adapter(lora_model, out / "checkpoints" / f"round-{server_round:04d}",
+                         entry.module.server_global_state(cfg, state))
             _write_state(out, server_round, recorder)
         log.info("round %d/%d: global ppl %.2f, train loss %.3f, up %d B, down %d B, %.1fs",
                  server_round, cfg.num_server_rounds, result.perplexity, row["train_loss"],
                  row["upload_bytes"], row["download_bytes"], row["wall_s"])
         return MetricRecord({"global-ppl": result.perplexity})
 
-    result = strategy.start(grid=grid, initial_arrays=initial_arrays,
-                            num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-                            evaluate_fn=evaluate_global)
+    if entry.server is None:  # centralized upper bound: no federation
+        evaluate_global(0, entry.module.server_initial_state(cfg))
+        final_state = train_centralized(cfg, num_clients, clients_per_round, evaluate_global)
+        personal_rows = _centralized_local_eval(cfg, model, load, final_state, num_clients)
+    else:
+        strategy = build_strategy(cfg, initial_arrays)
+        result = strategy.start(grid=grid, initial_arrays=initial_arrays,
+                                num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                                train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+                                evaluate_fn=evaluate_global)
+        final_arrays = result.arrays if len(result.arrays) else initial_arrays
+        final_state = final_arrays.to_torch_state_dict()
+        personal_rows = _personalize(cfg, grid, final_arrays)
 
-    set_adapter_state(model, result.arrays.to_torch_state_dict() if len(result.arrays)
-                      else initial_arrays.to_torch_state_dict())
-    save_adapter(model, out / "global-adapter")
+    if not full:
+        save_adapter(lora_model, out / "global-adapter",
+                     entry.module.server_global_state(cfg, final_state))
     rounds = recorder.results["rounds"]
     last_fed = next((r for r in reversed(rounds) if _finite(r.get("local_global_ppl"))), {})
+    personalization = summarize_client_evals(personal_rows)
+    recorder.add_personalization([_client_row(r) for r in personal_rows])
     recorder.finish({
         "global_ppl": rounds[-1]["global_ppl"],
         "initial_global_ppl": rounds[0]["global_ppl"],
         "local_global_ppl": last_fed.get("local_global_ppl", math.nan),
         "personalized_ppl": last_fed.get("personalized_ppl", math.nan),
         "personalized_global_ppl": last_fed.get("personalized_global_ppl", math.nan),
+        # the personalization protocol: the final model fine-tuned one local epoch per client
+        "protocol_global_ppl": personalization["local_global_ppl"],
+        "protocol_personalized_ppl": personalization["personalized_ppl"],
+        "protocol_clients": personalization["eval_clients"],
         "upload_bytes_total": sum(r["upload_bytes"] for r in rounds),
         "download_bytes_total": sum(r["download_bytes"] for r in rounds),
         "wall_s": round(time.time() - t0, 1),
     })
     log.info("FedGen-Edge finished: results in %s", out)
+
+
+def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
+    """Paper 4.4.3: sampled clients fine-tune the final model one local epoch and report the
+    local-test perplexity of the global and of the personalized model."""
+    if not cfg.personalize_clients:
+        return []
+    nodes = sample_node_ids(grid.get_node_ids(), 0.0, cfg.personalize_clients, cfg.seed, 0,
+                            salt=2)
+    record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({"personalize": True,
+                                                                      "server-round": 0})})
+    log.info("personalization: %d clients fine-tune the final model", len(nodes))
+    replies = grid.send_and_receive(
+        [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
+        timeout=cfg.round_timeout)
+    valid, _, _ = split_replies(replies, None, "personalization")
+    return [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
+            for m, _, _ in valid]
+
+
+def _centralized_local_eval(cfg: RunConfig, model, load, state, num_clients: int) -> list[dict]:
+    """The pooled model on the local test sets of the clients the protocol would sample."""
+    load(model, state)
+    ids = sorted(random.Random(cfg.seed).sample(range(num_clients),
+                                                min(cfg.personalize_clients, num_clients)))
+    rows = []
+    for pid in ids:
+        _, test = client_blocks(cfg, pid, num_clients)
+        ev = evaluate_nll(model, test, batch_size=cfg.batch_size,
+                          max_batches=cfg.client_eval_max_batches)
+        rows.append({"partition-id": pid, "global-nll": ev.nll_sum, "global-tokens": ev.tokens,
+                     "personal-nll": 0.0, "personal-tokens": 0})
+    return rows
 
 
 def _eval_tokens(cfg: RunConfig, blocks) -> int:

@@ -1,23 +1,74 @@
-"""Federated strategies, one module each, picked by the ``strategy`` config key."""
+"""Federated strategies, one module each, picked by the ``strategy`` config key.
+
+A strategy module holds the server side (a Flower strategy class with FedGenStrategy mixed in)
+and the client side as plain functions:
+- ``server_initial_state(cfg)``: what the server starts from and sends (empty: nothing),
+- ``client_train(cfg, received, partition_id, blocks, seed, config) -> (upload | None, loss)``,
+- ``client_eval_states(cfg, received, partition_id) -> (global, personal | None)``,
+- ``server_global_state(cfg, arrays)``: the model the server evaluates on the global test set.
+``FULL_MODEL = True`` marks strategies that move the whole model instead of an adapter.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+
 from flwr.app import ArrayRecord
 
+from strategies import (
+    centralized,
+    ditto,
+    fedavg_full,
+    fedavg_lora,
+    fedopt_lora,
+    fedper,
+    fedprox,
+    local_only,
+)
 from strategies.common import array_spec
-from strategies.fedavg_lora import FedAvgLoRA
 from task.config import ConfigError, RunConfig
 
-STRATEGIES = {
-    "fedavg-lora": FedAvgLoRA,
+
+@dataclass(frozen=True)
+class Entry:
+    module: ModuleType
+    server: type | None  # None: not federated (centralized upper bounds)
+    flower_kwargs: Callable[[RunConfig], dict] = field(default=lambda cfg: {})
+
+
+STRATEGIES: dict[str, Entry] = {
+    "fedavg-lora": Entry(fedavg_lora, fedavg_lora.FedAvgLoRA),
+    "fedavg-full": Entry(fedavg_full, fedavg_full.FedAvgFull),
+    "fedper": Entry(fedper, fedper.FedPer),
+    "ditto": Entry(ditto, ditto.Ditto),
+    "local-only": Entry(local_only, local_only.LocalOnly),
+    "fedprox": Entry(fedprox, fedprox.FedProxLoRA, lambda cfg: {"proximal_mu": cfg.proximal_mu}),
+    "fedadam": Entry(fedopt_lora, fedopt_lora.FedAdamLoRA,
+                     lambda cfg: {"eta": cfg.server_learning_rate}),
+    "fedyogi": Entry(fedopt_lora, fedopt_lora.FedYogiLoRA,
+                     lambda cfg: {"eta": cfg.server_learning_rate}),
+    "centralized-full": Entry(centralized, None),
+    "centralized-lora": Entry(centralized, None),
 }
 
 
-def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
+def strategy_entry(cfg: RunConfig) -> Entry:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"run-config key 'strategy' = {cfg.strategy!r}: must be one of "
                           f"{sorted(STRATEGIES)}")
-    return STRATEGIES[cfg.strategy](
-        spec=array_spec(initial_arrays), seed=cfg.seed, num_rounds=cfg.num_server_rounds,
-        fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
-        evaluate_every=cfg.evaluate_every)
+    return STRATEGIES[cfg.strategy]
+
+
+def is_full_model(cfg: RunConfig) -> bool:
+    return getattr(strategy_entry(cfg).module, "FULL_MODEL", False) or cfg.strategy == "centralized-full"
+
+
+def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
+    entry = strategy_entry(cfg)
+    return entry.server(
+        spec=array_spec(initial_arrays) if len(initial_arrays) else None, seed=cfg.seed,
+        num_rounds=cfg.num_server_rounds, fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate, evaluate_every=cfg.evaluate_every,
+        **entry.flower_kwargs(cfg))

@@ -55,16 +55,10 @@ def check_update(content: RecordDict, spec: ArraySpec,
     return out, float(weight)
 
 
-def weighted_mean(updates: list[Mapping[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """sum_i w_i x_i / sum_i w_i, accumulated in float64, returned in each array's dtype."""
-    total = float(sum(weights))
-    out = {}
-    for key, first in updates[0].items():
-        acc = np.zeros(first.shape, dtype=np.float64)
-        for update, w in zip(updates, weights):
-            acc += update[key].astype(np.float64) * (w / total)
-        out[key] = acc.astype(first.dtype)
-    return out
+def local_training_kwargs(cfg, seed: int) -> dict:
+    """The local-training budget of one client call, from the run config."""
+    return dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed)
 
 
 def wire_bytes(obj) -> int:
@@ -138,3 +132,90 @@ def summarize_client_evals(rows: list[dict]) -> dict:
     return {"local_global_ppl": ppl(rows, "global"), "personalized_ppl": ppl(personal, "personal"),
             "personalized_global_ppl": ppl(personal, "global"), "eval_clients": len(rows),
             "personalized_clients": len(personal)}
+
+
+class FedGenStrategy:
+    """What every FedGen-Edge strategy adds to the Flower strategy it is mixed into.
+
+    Put it first in the bases (``class X(FedGenStrategy, flwr.serverapp.strategy.FedAvg)``) so
+    that Flower's own logic (FedProx's config, FedOpt's server optimizer, FedAvg's weighted mean)
+    still runs through ``super()``, and this class adds around it:
+    - seeded client sampling (Flower's sampler is unseeded),
+    - per-reply validation: a malformed update is logged with its node id and left out,
+    - exact byte accounting of what crosses the wire, per round,
+    - client evaluations of global vs personal models, kept per round for the results.
+
+    ``spec`` describes the arrays a valid training reply carries (None: replies carry none, as
+    in local-only training).
+    """
+
+    def __init__(self, *, spec: ArraySpec | None, seed: int, num_rounds: int,
+                 evaluate_every: int = 1, **flower_kwargs) -> None:
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+                         arrayrecord_key=ARRAYS_KEY, **flower_kwargs)
+        self.spec = spec
+        self.seed = seed
+        self.num_rounds = num_rounds
+        self.evaluate_every = evaluate_every
+        self.round_stats: dict[int, dict] = {}
+        self.client_evals: dict[int, list[dict]] = {}
+
+    def _stats(self, server_round: int) -> dict:
+        return self.round_stats.setdefault(server_round, {
+            "upload_bytes": 0, "download_bytes": 0, "eval_upload_bytes": 0,
+            "eval_download_bytes": 0, "num_updates": 0, "failures": 0, "rejected": 0,
+            "train_loss": math.nan})
+
+    def _resample(self, messages, server_round: int, fraction: float, grid, train: bool):
+        """Flower built the messages; send the same payload to a seeded sample instead."""
+        messages = list(messages)
+        if not messages:
+            return []
+        record = messages[0].content
+        nodes = sample_node_ids(grid.get_node_ids(), fraction, 1, self.seed, server_round,
+                                salt=0 if train else 1)
+        key = "download_bytes" if train else "eval_download_bytes"
+        self._stats(server_round)[key] += wire_bytes(record) * len(nodes)
+        log.info("round %d %s: %d nodes sampled", server_round, "train" if train else "evaluate",
+                 len(nodes))
+        return [Message(content=record, message_type=messages[0].metadata.message_type,
+                        dst_node_id=n) for n in nodes]
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._resample(messages, server_round, self.fraction_train, grid, train=True)
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        if server_round % self.evaluate_every and server_round != self.num_rounds:
+            return []
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._resample(messages, server_round, self.fraction_evaluate, grid, train=False)
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        stats = self._stats(server_round)
+        stats["upload_bytes"] += sum(wire_bytes(m.content) for m in replies if not m.has_error())
+        valid, stats["failures"], stats["rejected"] = split_replies(replies, self.spec,
+                                                                    "aggregate_train")
+        stats["num_updates"] = len(valid)
+        if not valid:
+            log.warning("round %d: no valid update, the global model is unchanged", server_round)
+            return None, None
+        weights = [w for _, _, w in valid]
+        losses = [float(_single_metrics(m.content).get("train-loss", math.nan)) for m, _, _ in valid]
+        stats["train_loss"] = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
+        metrics = MetricRecord({"train-loss": stats["train_loss"], "num-updates": len(valid)})
+        if self.spec is None:  # nothing to aggregate
+            return None, metrics
+        arrays, _ = super().aggregate_train(server_round, [m for m, _, _ in valid])
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round, replies):
+        replies = list(replies)
+        self._stats(server_round)["eval_upload_bytes"] += sum(
+            wire_bytes(m.content) for m in replies if not m.has_error())
+        valid, _, _ = split_replies(replies, None, "aggregate_evaluate")
+        rows = [{k: float(v) for k, v in _single_metrics(m.content).items()
+                 if not isinstance(v, list)} for m, _, _ in valid]
+        self.client_evals[server_round] = rows
+        return MetricRecord(summarize_client_evals(rows)) if rows else None

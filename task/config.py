@@ -39,6 +39,12 @@ class RunConfig:
     evaluate_every: int = 3
     checkpoint_every: int = 3
     round_timeout: float = 3600.0
+    # Strategy knobs.
+    fedper_personal_layers: int = 1
+    ditto_lambda: float = 0.1
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    personalize_clients: int = 10
     # LoRA.
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -106,6 +112,11 @@ class RunConfig:
                     "vocab-size", "eval-max-batches", "client-eval-max-batches"):
             need(getattr(self, key.replace("-", "_")) >= 1, key, "must be >= 1")
         need(self.max_steps >= 0, "max-steps", "must be >= 0 (0 = no cap)")
+        for key in ("fedper-personal-layers", "personalize-clients"):
+            need(getattr(self, key.replace("-", "_")) >= 0, key, "must be >= 0")
+        for key in ("ditto-lambda", "proximal-mu"):
+            need(getattr(self, key.replace("-", "_")) >= 0, key, "must be >= 0")
+        need(self.server_learning_rate > 0, "server-learning-rate", "must be > 0")
         for key in ("fraction-train", "fraction-evaluate"):
             need(0.0 < getattr(self, key.replace("-", "_")) <= 1.0, key, "must be in (0, 1]")
         for key in ("test-fraction", "global-test-fraction"):

@@ -21,9 +21,10 @@ import threading
 from pathlib import Path
 
 import torch
+from torch import nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -44,7 +45,8 @@ QV_TARGETS = {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
               "qwen2": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"]}
 
 _LOCK = threading.RLock()  # re-entered: shared_lora_model -> load_backbone -> cache
-_SHARED: dict[tuple, PeftModel] = {}
+_SHARED: dict[tuple, nn.Module] = {}
+_INITIAL: dict[tuple, dict[str, torch.Tensor]] = {}
 _TOKENIZERS: dict[tuple, PreTrainedTokenizerBase] = {}
 
 
@@ -144,7 +146,7 @@ def add_lora(cfg: RunConfig, backbone: PreTrainedModel) -> PeftModel:
     return model
 
 
-def _restrict_c_attn_to_qv(model: PeftModel) -> None:
+def _restrict_c_attn_to_qv(model: PeftModel, adapter_name: str = "default") -> None:
     """GPT-2 fuses q, k, v into one c_attn projection (output = [q | k | v]).
 
     LoRA on c_attn gives delta = B A with B of shape (3d, r). Zeroing B's k-rows and their
@@ -153,7 +155,8 @@ def _restrict_c_attn_to_qv(model: PeftModel) -> None:
     """
     for name, module in model.named_modules():
         if name.endswith("c_attn") and hasattr(module, "lora_B"):
-            for lora_b in module.lora_B.values():
+            if adapter_name in module.lora_B:
+                lora_b = module.lora_B[adapter_name]
                 d = lora_b.weight.shape[0] // 3
                 mask = torch.ones_like(lora_b.weight)
                 mask[d:2 * d] = 0.0
@@ -162,33 +165,85 @@ def _restrict_c_attn_to_qv(model: PeftModel) -> None:
                 lora_b.weight.register_hook(lambda g, m=mask: g * m)
 
 
+def _model_key(cfg: RunConfig) -> tuple:
+    return (cfg.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed,
+            str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0)
+
+
 def shared_lora_model(cfg: RunConfig) -> PeftModel:
     """The process-wide backbone + LoRA model for this config, built on first use."""
-    key = (cfg.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed,
-           str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0)
+    key = _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            _SHARED[key] = add_lora(cfg, load_backbone(cfg))
+            model = add_lora(cfg, load_backbone(cfg))
+            _SHARED[key] = model
+            _INITIAL[key] = get_adapter_state(model)
         return _SHARED[key]
 
 
+def initial_adapter_state(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The seeded initial adapter (B = 0, so it leaves the backbone's output unchanged)."""
+    shared_lora_model(cfg)
+    return _INITIAL[_model_key(cfg)]
+
+
+def shared_full_model(cfg: RunConfig) -> PreTrainedModel:
+    """The process-wide model for full fine-tuning (fedavg-full, centralized-full): every weight
+    trains and travels, and each call loads the received weights into it in place."""
+    key = ("full",) + _model_key(cfg)
+    with _LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = load_backbone(cfg).requires_grad_(True)
+        return _SHARED[key]
+
+
+def ensure_adapter(model: PeftModel, cfg: RunConfig, adapter_name: str) -> None:
+    """Add a second named adapter (e.g. Ditto's "personal") on the same frozen backbone."""
+    if adapter_name not in model.peft_config:
+        torch.manual_seed(cfg.seed)
+        model.add_adapter(adapter_name, lora_config(cfg, model.base_model.model.config.model_type))
+        if model.base_model.model.config.model_type == "gpt2":
+            _restrict_c_attn_to_qv(model, adapter_name)
+
+
 # --------------------------------------------------------------------------- adapter state
-def get_adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+def get_adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter tensors only (peft's own key names, detached copies)."""
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().clone()
+            for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
-def set_adapter_state(model: PeftModel, adapter_state: dict[str, torch.Tensor]) -> None:
+def set_adapter_state(model: PeftModel, adapter_state: dict[str, torch.Tensor],
+                      adapter_name: str = "default") -> None:
     """Load adapter tensors in place; every adapter key must be present, nothing else."""
-    expected = set(get_peft_model_state_dict(model))
+    expected = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     got = set(adapter_state)
     if got != expected:
         raise KeyError(f"adapter keys differ: missing {sorted(expected - got)[:3]}, "
                        f"unexpected {sorted(got - expected)[:3]}")
-    result = set_peft_model_state_dict(model, adapter_state)
-    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if bad:
-        raise KeyError(f"unexpected adapter keys {bad[:3]}")
+    set_peft_model_state_dict(model, adapter_state, adapter_name=adapter_name)
+
+
+def adapter_parameters(model: PeftModel, adapter_name: str = "default") -> dict[str, nn.Parameter]:
+    """The live adapter parameters under their state-dict keys (for proximal terms)."""
+    tag = f".{adapter_name}."
+    return {name.replace(tag, "."): p for name, p in model.named_parameters()
+            if "lora_" in name and tag in name}
+
+
+def get_full_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """Every (untied) weight of a fully fine-tuned model."""
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def set_full_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    if set(state) != set(params):
+        raise KeyError(f"model keys differ: missing {sorted(set(params) - set(state))[:3]}, "
+                       f"unexpected {sorted(set(state) - set(params))[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(state[k])
 
 
 def parameter_counts(model: PeftModel) -> tuple[int, int]:
@@ -203,14 +258,18 @@ def parameter_counts(model: PeftModel) -> tuple[int, int]:
     return adapter, backbone
 
 
-def save_adapter(model: PeftModel, path: Path) -> None:
-    """Write the model's current adapter in the standard peft format, atomically.
-
-    ``PeftModel.from_pretrained(backbone, path)`` loads it.
-    """
+def save_adapter(model: PeftModel, path: Path,
+                 adapter_state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write an adapter (default: the model's current one) in the standard peft format,
+    atomically: adapter_config.json + adapter_model.safetensors, as PeftModel.save_pretrained
+    writes them, so ``PeftModel.from_pretrained(backbone, path)`` loads it."""
+    state = get_adapter_state(model) if adapter_state is None else adapter_state
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.peft_config["default"].save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
     if path.exists():
         shutil.rmtree(path)
     tmp.replace(path)

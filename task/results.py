@@ -38,6 +38,15 @@ class RunRecorder:
         self._write_json()
         self.plot()
 
+    def add_personalization(self, client_rows: list[dict[str, Any]]) -> None:
+        """Per-client rows of the final personalization protocol (round "final" in clients.csv)."""
+        self.results["personalization"] = list(client_rows)
+        with open(self.out_dir / "clients.csv", "a", newline="") as f:
+            writer = csv.writer(f)
+            for c in client_rows:
+                writer.writerow(["final"] + [c.get(k, "") for k in CLIENT_FIELDS[1:]])
+        self._write_json()
+
     def finish(self, final: dict[str, Any]) -> None:
         self.results["final"] = final
         self._write_json()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,12 +20,26 @@ class EvalResult:
         return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
 
 
+def proximal_penalty(params: dict[str, nn.Parameter], reference: dict[str, torch.Tensor],
+                     coef: float) -> Callable[[], torch.Tensor]:
+    """coef/2 * ||w - w_ref||^2 over the named parameters (FedProx's mu, Ditto's lambda)."""
+    pairs = [(params[k], reference[k].detach()) for k in params]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * coef * sum(((p - ref) ** 2).sum() for p, ref in pairs)
+
+    return penalty
+
+
 def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_size: int,
-                lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0) -> float:
-    """AdamW over the trainable (adapter) parameters only; returns the mean training loss.
+                lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0,
+                penalty: Callable[[], torch.Tensor] | None = None,
+                after_step: Callable[[int], None] | None = None) -> float:
+    """AdamW over the trainable parameters only; returns the mean training loss.
 
     ``max_steps`` caps the optimizer steps of this call (0 = the full ``epochs``), which is how
-    CPU runs keep a round short.
+    CPU runs keep a round short. ``penalty`` is added to each step's loss (proximal terms);
+    ``after_step(n)`` runs after optimizer step n (it may evaluate: training mode is restored).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -39,10 +54,13 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
             loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses)}")
-            loss.backward()
+            (loss + penalty() if penalty is not None else loss).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if after_step is not None:
+                after_step(len(losses))
+                model.train()
             if max_steps and len(losses) >= max_steps:
                 break
         if max_steps and len(losses) >= max_steps:
