@@ -72,6 +72,11 @@ def wire_bytes(obj) -> int:
         if obj.children else len(obj.deflate())
 
 
+def model_bytes(content: RecordDict) -> int:
+    """Wire bytes of the model payload (the ArrayRecords) of a message's content."""
+    return sum(wire_bytes(r) for r in content.array_records.values() if len(r))
+
+
 def sample_node_ids(node_ids: Iterable[int], fraction: float, minimum: int,
                     seed: int, server_round: int, salt: int = 0) -> list[int]:
     """A seeded sample (Flower's own sampler is unseeded): reproducible runs."""
@@ -174,8 +179,11 @@ class FedGenStrategy:
         record = messages[0].content
         nodes = sample_node_ids(grid.get_node_ids(), fraction, 1, self.seed, server_round,
                                 salt=0 if train else 1)
-        key = "download_bytes" if train else "eval_download_bytes"
-        self._stats(server_round)[key] += wire_bytes(record) * len(nodes)
+        # Every sampled node receives this same payload.
+        if train:
+            self._stats(server_round)["download_bytes"] += model_bytes(record) * len(nodes)
+        else:
+            self._stats(server_round)["eval_download_bytes"] += wire_bytes(record) * len(nodes)
         log.info("round %d %s: %d nodes sampled", server_round, "train" if train else "evaluate",
                  len(nodes))
         return [Message(content=record, message_type=messages[0].metadata.message_type,
@@ -194,7 +202,7 @@ class FedGenStrategy:
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
         stats = self._stats(server_round)
-        stats["upload_bytes"] += sum(wire_bytes(m.content) for m in replies if not m.has_error())
+        stats["upload_bytes"] += sum(model_bytes(m.content) for m in replies if not m.has_error())
         valid, stats["failures"], stats["rejected"] = split_replies(replies, self.spec,
                                                                     "aggregate_train")
         stats["num_updates"] = len(valid)

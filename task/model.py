@@ -162,7 +162,10 @@ def _restrict_c_attn_to_qv(model: PeftModel, adapter_name: str = "default") -> N
                 mask[d:2 * d] = 0.0
                 with torch.no_grad():
                     lora_b.weight.mul_(mask)
+                trainable = lora_b.weight.requires_grad  # an inactive adapter is frozen for now
+                lora_b.weight.requires_grad_(True)
                 lora_b.weight.register_hook(lambda g, m=mask: g * m)
+                lora_b.weight.requires_grad_(trainable)
 
 
 def _model_key(cfg: RunConfig) -> tuple:

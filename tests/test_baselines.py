@@ -1,0 +1,120 @@
+"""Baseline strategies: the equivalences and byte counts the comparison rests on."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from strategies import STRATEGIES, ditto, fedavg_full, fedavg_lora, fedper, local_only
+from task import data
+from task.model import (
+    get_adapter_state,
+    get_full_state,
+    initial_adapter_state,
+    load_adapter_file,
+    personal_adapter_dir,
+    save_adapter,
+    shared_lora_model,
+)
+
+
+def _perturbed(state, scale=0.05, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.items()}
+
+
+@pytest.fixture
+def blocks(tiny_cfg):
+    return data.client_blocks(tiny_cfg, 0, 20)[0]
+
+
+def _equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_every_strategy_module_has_the_client_and_server_functions():
+    for name, entry in STRATEGIES.items():
+        for fn in ("server_initial_state", "server_global_state"):
+            assert callable(getattr(entry.module, fn)), (name, fn)
+        if entry.server is not None:
+            for fn in ("client_train", "client_eval_states"):
+                assert callable(getattr(entry.module, fn)), (name, fn)
+
+
+def test_fedper_with_every_layer_shared_equals_fedavg(tiny_cfg, blocks):
+    cfg = replace(tiny_cfg, strategy="fedper", fedper_personal_layers=0)
+    received = _perturbed(initial_adapter_state(cfg))
+    assert fedper.personal_keys(cfg, received) == set()
+    up_fedper, loss_fedper = fedper.client_train(cfg, received, 0, blocks, seed=5, config={})
+    up_fedavg, loss_fedavg = fedavg_lora.client_train(cfg, received, 1, blocks, seed=5, config={})
+    _equal(up_fedper, up_fedavg)
+    assert loss_fedper == loss_fedavg
+
+
+def test_fedper_keeps_the_last_layers_personal(tiny_cfg, blocks):
+    cfg = replace(tiny_cfg, strategy="fedper", fedper_personal_layers=1)
+    initial = initial_adapter_state(cfg)
+    personal = fedper.personal_keys(cfg, initial)
+    assert personal and all(".h.1." in k for k in personal)  # tiny-gpt2 has layers h.0, h.1
+    received = fedper.server_initial_state(cfg)
+    assert set(received) == set(initial) - personal
+    upload, _ = fedper.client_train(cfg, received, 2, blocks, seed=5, config={})
+    assert set(upload) == set(received), "personal layers never leave the client"
+    saved = load_adapter_file(personal_adapter_dir(cfg, 2))
+    assert set(saved) == set(initial) and any(
+        not torch.equal(saved[k], initial[k]) for k in personal), "personal layers trained"
+
+
+def test_ditto_with_lambda_zero_equals_local_only_training_of_the_personal_adapter(tiny_cfg, blocks):
+    cfg = replace(tiny_cfg, ditto_lambda=0.0)
+    start = _perturbed(initial_adapter_state(cfg), seed=2)
+    model = shared_lora_model(cfg)
+    for pid in (3, 4):  # the same saved personal adapter for both clients
+        save_adapter(model, personal_adapter_dir(cfg, pid), start)
+    received = _perturbed(initial_adapter_state(cfg), seed=3)  # a different global adapter
+    upload, _ = ditto.client_train(replace(cfg, strategy="ditto"), received, 3, blocks, 7, {})
+    none, _ = local_only.client_train(replace(cfg, strategy="local-only"), {}, 4, blocks, 7, {})
+    assert none is None
+    _equal(load_adapter_file(personal_adapter_dir(cfg, 3)), load_adapter_file(personal_adapter_dir(cfg, 4)))
+    # and the global half of Ditto is FedAvg-LoRA's local training
+    fedavg_upload, _ = fedavg_lora.client_train(cfg, received, 5, blocks, 7, {})
+    _equal(upload, fedavg_upload)
+
+
+def test_ditto_lambda_pulls_the_personal_adapter_toward_the_global(tiny_cfg, blocks):
+    start = _perturbed(initial_adapter_state(tiny_cfg), scale=0.5, seed=2)
+    received = initial_adapter_state(tiny_cfg)
+    distances = []
+    for lam, pid in ((0.0, 6), (50.0, 7)):
+        cfg = replace(tiny_cfg, strategy="ditto", ditto_lambda=lam)
+        save_adapter(shared_lora_model(cfg), personal_adapter_dir(cfg, pid), start)
+        ditto.client_train(cfg, received, pid, blocks, 7, {})
+        v = load_adapter_file(personal_adapter_dir(cfg, pid))
+        distances.append(sum(((v[k] - received[k]) ** 2).sum() for k in v).item())
+    assert distances[1] < distances[0]
+
+
+def test_local_only_uploads_zero_model_bytes(tiny_cfg):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from strategies.common import model_bytes
+
+    cfg = replace(tiny_cfg, strategy="local-only")
+    assert local_only.server_initial_state(cfg) == {}
+    sent = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"server-round": 1})})
+    assert model_bytes(sent) == 0
+
+
+def test_fedavg_full_trains_and_uploads_the_whole_model(tiny_cfg, blocks):
+    cfg = replace(tiny_cfg, strategy="fedavg-full")
+    initial = fedavg_full.server_initial_state(cfg)
+    upload, _ = fedavg_full.client_train(cfg, initial, 0, blocks, seed=1, config={})
+    n_params = sum(v.numel() for v in upload.values())
+    _, backbone = __import__("task.model", fromlist=["parameter_counts"]).parameter_counts(
+        shared_lora_model(cfg))
+    assert n_params == backbone  # every backbone weight travels
+    changed = [k for k in upload if not torch.equal(upload[k], initial[k])]
+    assert len(changed) > len(upload) // 2, "full fine-tuning moves the backbone weights"
+    assert get_full_state  # same helper the server uses to build the initial record
