@@ -52,6 +52,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     own starting point (its personal model, else the global one) fine-tuned for one local epoch
     (capped by max-steps): the paper's personalization protocol.
     """
+    config = msg.content["config"]
+    if config.get("personalize") and str(context.node_config["partition-id"]) not in \
+            str(config["personalize-partitions"]).split(","):
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     cfg, partition_id, received, (train_blocks, test_blocks) = _setup(msg, context)
     global_state, personal_state = strategy_entry(cfg).module.client_eval_states(
         cfg, received, partition_id)
@@ -66,7 +70,7 @@ def evaluate(msg: Message, context: Context) -> Message:
                "global-nll": global_eval.nll_sum, "global-tokens": global_eval.tokens,
                "personal-nll": 0.0, "personal-tokens": 0}
     personal_eval = None
-    if msg.content["config"].get("personalize"):
+    if config.get("personalize"):
         load(model, personal_state if personal_state is not None else global_state)
         train_local(model, train_blocks, epochs=1, batch_size=cfg.batch_size,
                     lr=cfg.learning_rate, weight_decay=cfg.weight_decay,

@@ -129,6 +129,64 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=5)
 
 
+class LocalSuperLink:
+    """A ``flower-superlink --simulation`` on a free loopback port, owned by this process.
+
+    ``with LocalSuperLink(home) as link: link.run({...}, num_supernodes=10)``; several runs may
+    share it; leaving the block stops it and every process under it.
+    """
+
+    def __init__(self, home: Path, num_cpus: int = os.cpu_count() or 1,
+                 report_memory: bool = False) -> None:
+        self.home = home.resolve()
+        self.num_cpus = min(num_cpus, os.cpu_count() or 1)
+        self.report_memory = report_memory
+        self.port = free_port()  # Flower 1.41 serves runtime, control and fleet APIs on one port
+        self.bin_dir = Path(sys.executable).parent
+        # The SuperLink starts flower-superexec / flwr-simulation by name: put them on PATH.
+        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def __enter__(self) -> "LocalSuperLink":
+        write_flower_home(self.home, self.port, 2, self.num_cpus)
+        self.proc = subprocess.Popen(
+            [str(self.bin_dir / "flower-superlink"), "--insecure", "--simulation",
+             "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-file", str(self.home / "superlink.log")],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        self.watcher = PeakMemory(self.proc.pid)
+        if self.report_memory:
+            self.watcher.start()
+        self.t0 = time.time()
+        try:
+            wait_for_port(self.port, self.proc)
+        except BaseException:
+            stop(self.proc)
+            raise
+        return self
+
+    def run(self, run_config: dict, num_supernodes: int, timeout: float | None = None) -> int:
+        """``flwr run . fedgen --stream`` with this run config; returns its exit code."""
+        write_flower_home(self.home, self.port, num_supernodes, self.num_cpus)
+        cmd = [str(self.bin_dir / "flwr"), "run", str(ROOT), "fedgen", "--stream"]
+        if run_config:
+            path = self.home / "run-config.toml"
+            path.write_text(tomli_w.dumps(run_config))
+            cmd += ["--run-config", str(path)]
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.run(cmd, env=self.env, cwd=ROOT, timeout=timeout).returncode
+
+    def __exit__(self, *exc) -> None:
+        self.watcher.done.set()
+        if self.report_memory:
+            print(f"peak RSS of all run processes: {self.watcher.peak_bytes / 2**30:.2f} GiB; "
+                  f"wall {time.time() - self.t0:.0f} s", flush=True)
+        stop(self.proc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-supernodes", type=int, default=100)
@@ -141,42 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-memory", action="store_true",
                         help="print the peak summed RSS of every process of the run")
     args = parser.parse_args(argv)
-    # SIGTERM (e.g. a CI timeout) must still run the finally below that stops the SuperLink.
+    # SIGTERM (e.g. a CI timeout) must still stop the SuperLink on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    home = Path(args.flwr_home).resolve()
-    port = free_port()  # Flower 1.41 serves the runtime, control and fleet APIs on one HTTP port
-    write_flower_home(home, port, args.num_supernodes, min(args.num_cpus, os.cpu_count() or 1))
-    bin_dir = Path(sys.executable).parent
-    # The SuperLink starts flower-superexec / flwr-simulation by name: they must be on PATH.
-    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    log_file = home / "superlink.log"
-    superlink = subprocess.Popen(
-        [str(bin_dir / "flower-superlink"), "--insecure", "--simulation",
-         "--isolation", "subprocess", "--disable-runtime-dependency-installation",
-         "--host", "127.0.0.1", "--port", str(port),
-         "--log-file", str(log_file)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    watcher = PeakMemory(superlink.pid)
-    if args.report_memory:
-        watcher.start()
-    t0 = time.time()
-    try:
-        wait_for_port(port, superlink)
-        cmd = [str(bin_dir / "flwr"), "run", str(ROOT), "fedgen", "--stream"]
-        if args.run_config:
-            run_config = home / "run-config.toml"
-            run_config.write_text(tomli_w.dumps(merge_run_config(args.run_config)))
-            cmd += ["--run-config", str(run_config)]
-        print("+", " ".join(cmd), flush=True)
-        return subprocess.run(cmd, env=env, cwd=ROOT, timeout=args.timeout).returncode
-    finally:
-        watcher.done.set()
-        if args.report_memory:
-            print(f"peak RSS of all run processes: {watcher.peak_bytes / 2**30:.2f} GiB; "
-                  f"wall {time.time() - t0:.0f} s", flush=True)
-        stop(superlink)
+    with LocalSuperLink(Path(args.flwr_home), args.num_cpus, args.report_memory) as link:
+        return link.run(merge_run_config(args.run_config), args.num_supernodes, args.timeout)
 
 
 if __name__ == "__main__":

@@ -132,31 +132,39 @@ def main(grid: Grid, context: Context) -> None:
     log.info("FedGen-Edge finished: results in %s", out)
 
 
+def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
+    """The clients of the personalization protocol: a seeded sample of partition ids, the same
+    in every run of a suite (node ids are not: they are drawn anew each run)."""
+    k = min(cfg.personalize_clients, num_clients)
+    return sorted(random.Random(cfg.seed).sample(range(num_clients), k))
+
+
 def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
-    """Paper 4.4.3: sampled clients fine-tune the final model one local epoch and report the
-    local-test perplexity of the global and of the personalized model."""
+    """Paper 4.4.3: the sampled clients fine-tune the final model one local epoch and report the
+    local-test perplexity of the global and of the personalized model. Every node gets the
+    message; only the chosen partitions do the work (the others answer at once)."""
     if not cfg.personalize_clients:
         return []
-    nodes = sample_node_ids(grid.get_node_ids(), 0.0, cfg.personalize_clients, cfg.seed, 0,
-                            salt=2)
-    record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({"personalize": True,
-                                                                      "server-round": 0})})
-    log.info("personalization: %d clients fine-tune the final model", len(nodes))
+    nodes = sorted(grid.get_node_ids())
+    chosen = personalization_partitions(cfg, len(nodes))
+    record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({
+        "personalize": True, "personalize-partitions": ",".join(map(str, chosen)),
+        "server-round": 0})})
+    log.info("personalization: clients %s fine-tune the final model", chosen)
     replies = grid.send_and_receive(
         [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
         timeout=cfg.round_timeout)
     valid, _, _ = split_replies(replies, None, "personalization")
-    return [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
+    rows = [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
             for m, _, _ in valid]
+    return [r for r in rows if r.get("global-tokens", 0) > 0]
 
 
 def _centralized_local_eval(cfg: RunConfig, model, load, state, num_clients: int) -> list[dict]:
     """The pooled model on the local test sets of the clients the protocol would sample."""
     load(model, state)
-    ids = sorted(random.Random(cfg.seed).sample(range(num_clients),
-                                                min(cfg.personalize_clients, num_clients)))
     rows = []
-    for pid in ids:
+    for pid in personalization_partitions(cfg, num_clients):
         _, test = client_blocks(cfg, pid, num_clients)
         ev = evaluate_nll(model, test, batch_size=cfg.batch_size,
                           max_batches=cfg.client_eval_max_batches)
