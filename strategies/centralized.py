@@ -60,7 +60,8 @@ def train_centralized(cfg: RunConfig, num_clients: int, clients_per_round: int,
         if step % per_round == 0:
             on_round(step // per_round, state_of(model))
 
-    train_local(model, pooled, epochs=epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+    lr = cfg.full_learning_rate if cfg.strategy == "centralized-full" else cfg.learning_rate
+    train_local(model, pooled, epochs=epochs, batch_size=cfg.batch_size, lr=lr,
                 weight_decay=cfg.weight_decay, max_steps=total, seed=cfg.seed,
                 after_step=after_step)
     return state_of(model)

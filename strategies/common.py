@@ -55,9 +55,11 @@ def check_update(content: RecordDict, spec: ArraySpec,
     return out, float(weight)
 
 
-def local_training_kwargs(cfg, seed: int) -> dict:
-    """The local-training budget of one client call, from the run config."""
-    return dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+def local_training_kwargs(cfg, seed: int, full_model: bool = False) -> dict:
+    """The local-training budget of one client call, from the run config (full fine-tuning
+    takes its own, much smaller, learning rate)."""
+    return dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                lr=cfg.full_learning_rate if full_model else cfg.learning_rate,
                 weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed)
 
 

@@ -26,7 +26,7 @@ class FedAvgFull(FedGenStrategy, FedAvg):
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
     model = shared_full_model(cfg)
     set_full_state(model, received)
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed, full_model=True))
     return get_full_state(model), loss
 
 

@@ -55,6 +55,7 @@ class RunConfig:
     batch_size: int = 8
     seq_len: int = 64
     learning_rate: float = 3e-3
+    full_learning_rate: float = 1e-4
     weight_decay: float = 0.0
     # Data and partitioning.
     lda_topics: int = 10
@@ -124,6 +125,7 @@ class RunConfig:
         need(0.0 <= self.lora_dropout < 1.0, "lora-dropout", "must be in [0, 1)")
         need(self.lora_alpha > 0, "lora-alpha", "must be > 0")
         need(self.learning_rate > 0, "learning-rate", "must be > 0")
+        need(self.full_learning_rate > 0, "full-learning-rate", "must be > 0")
         need(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")

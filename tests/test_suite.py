@@ -1,0 +1,49 @@
+"""The comparison suite end to end on the tiny configuration (a few minutes, runs in CI)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_suite_plan_covers_methods_and_both_ablations():
+    from suite import METHODS, plan
+
+    names = [n for n, _ in plan("quick")]
+    assert set(METHODS) <= set(names)
+    assert {"rank-2", "rank-4", "rank-16", "rank-32"} <= set(names)  # rank 8 is fedavg-lora
+    assert {"epochs-2", "epochs-5", "epochs-10", "epochs-20"} <= set(names)
+    overrides = dict(plan("quick"))
+    assert overrides["epochs-20"]["max-steps"] == 20 and overrides["rank-32"]["lora-rank"] == 32
+
+
+@pytest.mark.slow
+def test_suite_tiny_writes_the_report(tmp_path):
+    cache = Path(os.environ["FEDGEN_EDGE_HOME"]) / "cache"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite.py"), "--tiny",
+                           "--out", str(tmp_path), "--cache", str(cache), "--timeout", "600"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (tmp_path / "report.md").read_text()
+    for method in ("centralized-lora", "fedavg-lora", "local-only"):
+        assert f"| {method} |" in report
+    assert "## Ablation: LoRA rank" in report and "## Ablation: Local epochs" in report
+    for png in ("convergence.png", "upload.png", "personalization.png", "ablation-rank.png",
+                "ablation-epochs.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    # local-only uploads nothing; fedavg-lora uploads adapters
+    import json
+    assert json.loads((tmp_path / "local-only" / "results.json").read_text())["final"][
+        "upload_bytes_total"] == 0
+    assert json.loads((tmp_path / "fedavg-lora" / "results.json").read_text())["final"][
+        "upload_bytes_total"] > 0
+    # a second call finds every run done and only rewrites the report
+    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "suite.py"), "--tiny",
+                            "--out", str(tmp_path), "--cache", str(cache)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "0 to run" in again.stdout
