@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,14 +59,15 @@ def plan(size: str) -> list[tuple[str, dict]]:
     """(run name, run-config overrides) for every run of the suite."""
     spec = SIZES[size]
     runs = [(m, {"strategy": m}) for m in spec["methods"]]
+    # Ablation runs skip the personalization protocol: they compare global perplexity and bytes.
+    ablation = {"strategy": "fedavg-lora", "personalize-clients": 0}
     for r in spec["ranks"]:
         if r != 8 or "fedavg-lora" not in spec["methods"]:
-            runs.append((f"rank-{r}", {"strategy": "fedavg-lora", "lora-rank": r,
-                                       "lora-alpha": 2.0 * r}))
+            runs.append((f"rank-{r}", {**ablation, "lora-rank": r, "lora-alpha": 2.0 * r}))
     for e in spec["epochs"]:
         if e != 1 or "fedavg-lora" not in spec["methods"]:
             extra = {"max-steps": e * spec["steps_per_epoch"]} if spec["steps_per_epoch"] else {}
-            runs.append((f"epochs-{e}", {"strategy": "fedavg-lora", "local-epochs": e, **extra}))
+            runs.append((f"epochs-{e}", {**ablation, "local-epochs": e, **extra}))
     return runs
 
 
@@ -204,13 +206,14 @@ def report(size: str, out: Path, target: float | None = None) -> Path:
                                       ("Local epochs", "epochs", spec["epochs"], "ablation-epochs.png")):
         names = [("fedavg-lora" if (v == (8 if key == "rank" else 1) and "fedavg-lora" in runs)
                   else f"{key}-{v}") for v in values]
-        lines += [f"## Ablation: {title}", "", f"| {key} | global ppl | personalized ppl | "
+        lines += [f"## Ablation: {title}", "", f"| {key} | global ppl | train loss (last round) | "
                   "upload per round |", "| --- | --- | --- | --- |"]
         ppl = []
         for v, n in zip(values, names):
             f = runs[n]["final"]
             ppl.append(f["global_ppl"])
-            lines.append(f"| {v} | {_fmt(f['global_ppl'])} | {_fmt(f.get('protocol_personalized_ppl'))} | "
+            lines.append(f"| {v} | {_fmt(f['global_ppl'])} | "
+                         f"{_fmt(runs[n]['rounds'][-1]['train_loss'], 3)} | "
                          f"{_mb(f['upload_bytes_total'] / runs[n]['num_rounds'])} |")
         if key == "epochs" and spec["steps_per_epoch"]:
             lines += ["", f"({size} size: an epoch is capped at {spec['steps_per_epoch']} optimizer "
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     args.size = args.size or "quick"
+    # SIGTERM must still stop the suite's SuperLink and everything under it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = (args.out or ROOT / "outputs" / f"suite-{args.size}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -1,11 +1,12 @@
-"""What every strategy needs: update validation, exact weighted means, wire bytes, sampling."""
+"""What every strategy needs: update validation, wire bytes, seeded sampling, client-eval
+summaries, and the FedGenStrategy mixin that applies them around a Flower strategy."""
 
 from __future__ import annotations
 
 import logging
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -13,7 +14,6 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 log = logging.getLogger("flwr.fedgen_edge")  # shown by Flower's log handlers
 
 ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
 NUM_EXAMPLES = "num-examples"
 
 # name -> (shape, dtype string) of what a valid update must carry
