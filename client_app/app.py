@@ -44,21 +44,31 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Which data partition this node holds (-1: its own data), so the server can sample the
+    same clients in every run of a comparison."""
+    partition_id = int(context.node_config.get("partition-id", -1))
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}),
+                   reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Local-test perplexity of the global model and of this client's personal one.
 
-    With ``personalize`` in the config (the final phase), the personal model is the client's
-    own starting point (its personal model, else the global one) fine-tuned for one local epoch
-    (capped by max-steps): the paper's personalization protocol.
+    With ``personalize`` in the config (the final phase), the personal model is the final global
+    model fine-tuned for one local epoch (capped by max-steps), the paper's personalization
+    protocol; strategies with a personal model of their own (PERSONAL_MODEL: ditto, fedper,
+    local-only) start from that one instead.
     """
     config = msg.content["config"]
     if config.get("personalize") and str(context.node_config["partition-id"]) not in \
             str(config["personalize-partitions"]).split(","):
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     cfg, partition_id, received, (train_blocks, test_blocks) = _setup(msg, context)
-    global_state, personal_state = strategy_entry(cfg).module.client_eval_states(
-        cfg, received, partition_id)
+    module = strategy_entry(cfg).module
+    global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
     full = is_full_model(cfg)
     model = shared_full_model(cfg) if full else shared_lora_model(cfg)
     load = set_full_state if full else set_adapter_state
@@ -71,7 +81,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                "personal-nll": 0.0, "personal-tokens": 0}
     personal_eval = None
     if config.get("personalize"):
-        load(model, personal_state if personal_state is not None else global_state)
+        own = getattr(module, "PERSONAL_MODEL", False) and personal_state is not None
+        load(model, personal_state if own else global_state)
         train_local(model, train_blocks, epochs=1, batch_size=cfg.batch_size,
                     lr=cfg.full_learning_rate if full else cfg.learning_rate,
                     weight_decay=cfg.weight_decay,

@@ -31,8 +31,9 @@ PAPER_PTB = {"centralized-full": 75.4, "centralized-lora": 78.9, "fedavg-lora": 
              "ditto": 94.6, "fedper": 98.4, "fedavg-full": 115.7, "local-only": 142.3}
 
 # Each size: clients, the base run config, which methods, ranks and local epochs.
-# quick and tiny cap an "epoch" at max-steps = E steps (the clients' real epochs would take hours
-# on a CPU): the epoch ablation then measures E times more local work per round.
+# quick and tiny count an "epoch" as steps_per_epoch optimizer steps (max-steps = E x that; the
+# clients' real epochs would take hours on a CPU): the epoch ablation measures E times more local
+# work per round, from its own E=1 run.
 SIZES = {
     "tiny": dict(clients=6, methods=["centralized-lora", "fedavg-lora", "local-only"],
                  ranks=[2, 8], epochs=[1, 2], steps_per_epoch=1, config={
@@ -55,6 +56,18 @@ SIZES = {
 }
 
 
+def ablation_run(size: str, key: str, value: int) -> str:
+    """The run that holds one ablation point; the base point reuses the fedavg-lora run when
+    that run has exactly this setting."""
+    spec = SIZES[size]
+    base = "fedavg-lora" in spec["methods"]
+    if key == "rank" and value == 8 and base:
+        return "fedavg-lora"
+    if key == "epochs" and value == 1 and base and not spec["steps_per_epoch"]:
+        return "fedavg-lora"
+    return f"{key}-{value}"
+
+
 def plan(size: str) -> list[tuple[str, dict]]:
     """(run name, run-config overrides) for every run of the suite."""
     spec = SIZES[size]
@@ -62,10 +75,10 @@ def plan(size: str) -> list[tuple[str, dict]]:
     # Ablation runs skip the personalization protocol: they compare global perplexity and bytes.
     ablation = {"strategy": "fedavg-lora", "personalize-clients": 0}
     for r in spec["ranks"]:
-        if r != 8 or "fedavg-lora" not in spec["methods"]:
+        if ablation_run(size, "rank", r) != "fedavg-lora":
             runs.append((f"rank-{r}", {**ablation, "lora-rank": r, "lora-alpha": 2.0 * r}))
     for e in spec["epochs"]:
-        if e != 1 or "fedavg-lora" not in spec["methods"]:
+        if ablation_run(size, "epochs", e) != "fedavg-lora":
             extra = {"max-steps": e * spec["steps_per_epoch"]} if spec["steps_per_epoch"] else {}
             runs.append((f"epochs-{e}", {**ablation, "local-epochs": e, **extra}))
     return runs
@@ -204,8 +217,7 @@ def report(size: str, out: Path, target: float | None = None) -> Path:
     # Ablations.
     for title, key, values, fname in (("LoRA rank", "rank", spec["ranks"], "ablation-rank.png"),
                                       ("Local epochs", "epochs", spec["epochs"], "ablation-epochs.png")):
-        names = [("fedavg-lora" if (v == (8 if key == "rank" else 1) and "fedavg-lora" in runs)
-                  else f"{key}-{v}") for v in values]
+        names = [ablation_run(size, key, v) for v in values]
         lines += [f"## Ablation: {title}", "", f"| {key} | global ppl | train loss (last round) | "
                   "upload per round |", "| --- | --- | --- | --- |"]
         ppl = []

@@ -100,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
         personal_rows = _centralized_local_eval(cfg, model, load, final_state, num_clients)
     else:
         strategy = build_strategy(cfg, initial_arrays)
+        strategy.node_order = partition_order(grid, cfg.round_timeout)
         result = strategy.start(grid=grid, initial_arrays=initial_arrays,
                                 num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
                                 train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
@@ -130,6 +131,23 @@ def main(grid: Grid, context: Context) -> None:
         "wall_s": round(time.time() - t0, 1),
     })
     log.info("FedGen-Edge finished: results in %s", out)
+
+
+def partition_order(grid: Grid, timeout: float) -> list[int]:
+    """Node ids sorted by the partition id each node reports (a query to every node)."""
+    nodes = list(grid.get_node_ids())
+    record = RecordDict({"config": ConfigRecord({"server-round": 0})})
+    replies = grid.send_and_receive(
+        [Message(content=record, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes],
+        timeout=timeout)
+    partition = {}
+    for reply in replies:
+        if not reply.has_error() and reply.content.metric_records:
+            pid = next(iter(reply.content.metric_records.values())).get("partition-id", -1)
+            if isinstance(pid, int) and pid >= 0:
+                partition[reply.metadata.src_node_id] = pid
+    log.info("%d of %d nodes reported a partition id", len(partition), len(nodes))
+    return sorted(partition, key=partition.get)
 
 
 def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:

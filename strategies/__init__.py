@@ -6,7 +6,9 @@ and the client side as plain functions:
 - ``client_train(cfg, received, partition_id, blocks, seed, config) -> (upload | None, loss)``,
 - ``client_eval_states(cfg, received, partition_id) -> (global, personal | None)``,
 - ``server_global_state(cfg, arrays)``: the model the server evaluates on the global test set.
-``FULL_MODEL = True`` marks strategies that move the whole model instead of an adapter.
+``FULL_MODEL = True`` marks strategies that move the whole model instead of an adapter;
+``PERSONAL_MODEL = True`` those whose personal model (not the global one) is the starting point
+of the final personalization protocol.
 """
 
 from __future__ import annotations

@@ -79,12 +79,18 @@ def model_bytes(content: RecordDict) -> int:
     return sum(wire_bytes(r) for r in content.array_records.values() if len(r))
 
 
-def sample_node_ids(node_ids: Iterable[int], fraction: float, minimum: int,
+def sample_node_ids(nodes: Iterable[int], fraction: float, minimum: int,
                     seed: int, server_round: int, salt: int = 0) -> list[int]:
-    """A seeded sample (Flower's own sampler is unseeded): reproducible runs."""
-    nodes = sorted(node_ids)
+    """A seeded sample of positions in ``nodes`` (Flower's own sampler is unseeded).
+
+    ``nodes`` should be in a run-independent order (by partition id, see
+    FedGenStrategy.node_order): simulation node ids are drawn anew each run, so sampling by
+    position makes every run of a comparison train the same clients in the same rounds.
+    """
+    nodes = list(nodes)
     size = min(len(nodes), max(minimum, int(len(nodes) * fraction)))
-    return sorted(random.Random(seed * 1_000_003 + server_round * 7919 + salt).sample(nodes, size))
+    rng = random.Random(seed * 1_000_003 + server_round * 7919 + salt)
+    return sorted(nodes[i] for i in rng.sample(range(len(nodes)), size))
 
 
 def split_replies(replies: Iterable[Message], spec: ArraySpec | None, stage: str
@@ -166,6 +172,13 @@ class FedGenStrategy:
         self.evaluate_every = evaluate_every
         self.round_stats: dict[int, dict] = {}
         self.client_evals: dict[int, list[dict]] = {}
+        self.node_order: list[int] = []  # node ids by partition id (set by the ServerApp)
+
+    def _ordered_nodes(self, grid) -> list[int]:
+        """Connected nodes, in partition order where known, then by node id."""
+        connected = set(grid.get_node_ids())
+        known = [n for n in self.node_order if n in connected]
+        return known + sorted(connected - set(known))
 
     def _stats(self, server_round: int) -> dict:
         return self.round_stats.setdefault(server_round, {
@@ -179,7 +192,7 @@ class FedGenStrategy:
         if not messages:
             return []
         record = messages[0].content
-        nodes = sample_node_ids(grid.get_node_ids(), fraction, 1, self.seed, server_round,
+        nodes = sample_node_ids(self._ordered_nodes(grid), fraction, 1, self.seed, server_round,
                                 salt=0 if train else 1)
         # Every sampled node receives this same payload.
         if train:

@@ -31,6 +31,9 @@ from task.train import proximal_penalty, train_local
 PERSONAL = "personal"
 
 
+# The personalization protocol fine-tunes this strategy's own personal model.
+PERSONAL_MODEL = True
+
 class Ditto(FedGenStrategy, FedAvg):
     pass
 

@@ -31,6 +31,9 @@ from task.train import train_local
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
 
+# The personalization protocol fine-tunes this strategy's own personal model.
+PERSONAL_MODEL = True
+
 class FedPer(FedGenStrategy, FedAvg):
     pass
 

@@ -26,6 +26,9 @@ from task.train import train_local
 SENDS_MODEL = False
 
 
+# The personalization protocol fine-tunes this strategy's own personal model.
+PERSONAL_MODEL = True
+
 class LocalOnly(FedGenStrategy, FedAvg):
     pass
 

@@ -124,6 +124,33 @@ def test_upload_bytes_are_the_serialized_payload():
 def test_seeded_sampling_is_reproducible_and_sized():
     nodes = list(range(100, 200))
     a = sample_node_ids(nodes, 0.1, 1, seed=3, server_round=4)
-    assert a == sample_node_ids(reversed(nodes), 0.1, 1, seed=3, server_round=4)
+    assert a == sample_node_ids(nodes, 0.1, 1, seed=3, server_round=4)
     assert len(a) == 10 and len(set(a)) == 10
     assert a != sample_node_ids(nodes, 0.1, 1, seed=3, server_round=5)
+
+
+def test_sampling_follows_partition_order_not_node_ids():
+    """Two runs with different (random) node ids sample the same partitions."""
+    partitions = list(range(20))
+    run_a = {p: 1000 + 7 * p for p in partitions}       # partition -> node id
+    run_b = {p: 999_999 - 13 * p for p in partitions}
+    picked = []
+    for run in (run_a, run_b):
+        order = [run[p] for p in partitions]             # node ids by partition id
+        inverse = {n: p for p, n in run.items()}
+        picked.append(sorted(inverse[n] for n in sample_node_ids(order, 0.2, 1, 42, 1)))
+    assert picked[0] == picked[1]
+
+
+class _Grid:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_strategy_orders_connected_nodes_by_partition():
+    strategy = _strategy()
+    strategy.node_order = [30, 10, 20]          # partitions 0, 1, 2
+    assert strategy._ordered_nodes(_Grid([20, 10, 99, 30])) == [30, 10, 20, 99]
