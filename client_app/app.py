@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 from strategies import is_full_model, strategy_entry
 from task.config import RunConfig
 from task.data import client_blocks
+from task.lora_ops import client_rank
 from task.model import set_adapter_state, set_full_state, shared_full_model, shared_lora_model
 from task.train import evaluate_nll, train_local
 
@@ -49,8 +50,10 @@ def query(msg: Message, context: Context) -> Message:
     """Which data partition this node holds (-1: its own data), so the server can sample the
     same clients in every run of a comparison."""
     partition_id = int(context.node_config.get("partition-id", -1))
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}),
-                   reply_to=msg)
+    # The LoRA rank this device trains (its profile), for heterogeneous-rank strategies.
+    rank = client_rank(RunConfig.from_run_config(context.run_config), context.node_config)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
+                                                        "lora-rank": rank})}), reply_to=msg)
 
 
 @app.evaluate()

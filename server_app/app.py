@@ -81,6 +81,7 @@ def main(grid: Grid, context: Context) -> None:
                "eval_bytes": stats.get("eval_upload_bytes", 0) + stats.get("eval_download_bytes", 0),
                "num_updates": stats.get("num_updates", 0), "rejected": stats.get("rejected", 0),
                "failures": stats.get("failures", 0), **summarize_client_evals(client_rows),
+               "aggregation_error": stats.get("aggregation_error", math.nan),
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
         recorder.add_round(row, [_client_row(r) for r in client_rows])

@@ -24,9 +24,14 @@ from strategies import (
     ditto,
     fedavg_full,
     fedavg_lora,
+    fedex_lora,
     fedopt_lora,
     fedper,
     fedprox,
+    fedsa_lora,
+    ffa_lora,
+    flora,
+    hetlora,
     local_only,
 )
 from strategies.common import array_spec
@@ -53,6 +58,12 @@ STRATEGIES: dict[str, Entry] = {
                      lambda cfg: {"eta": cfg.server_learning_rate}),
     "centralized-full": Entry(centralized, None),
     "centralized-lora": Entry(centralized, None),
+    # Exact and heterogeneous-rank LoRA aggregation (issue 8)
+    "ffa-lora": Entry(ffa_lora, ffa_lora.FFALoRA, ffa_lora.flower_kwargs),
+    "fedex-lora": Entry(fedex_lora, fedex_lora.FedExLoRA, fedex_lora.flower_kwargs),
+    "flora": Entry(flora, flora.FLoRA, flora.flower_kwargs),
+    "fedsa-lora": Entry(fedsa_lora, fedsa_lora.FedSALoRA),
+    "hetlora": Entry(hetlora, hetlora.HetLoRA, hetlora.flower_kwargs),
 }
 
 
@@ -60,6 +71,10 @@ def strategy_entry(cfg: RunConfig) -> Entry:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"run-config key 'strategy' = {cfg.strategy!r}: must be one of "
                           f"{sorted(STRATEGIES)}")
+    if cfg.rank_mix and not getattr(STRATEGIES[cfg.strategy].module, "HETEROGENEOUS_RANKS", False):
+        raise ConfigError(f"run-config key 'rank-mix' = {cfg.rank_mix!r}: strategy "
+                          f"{cfg.strategy!r} trains one rank; heterogeneous ranks need one of "
+                          f"{sorted(n for n, e in STRATEGIES.items() if getattr(e.module, 'HETEROGENEOUS_RANKS', False))}")
     return STRATEGIES[cfg.strategy]
 
 

@@ -14,9 +14,8 @@ local training, saved in peft format), which is evaluated beside the global one.
 from __future__ import annotations
 
 import torch
-from flwr.serverapp.strategy import FedAvg
-
 from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.lora_aggregation import MeasuredFedAvg
 from task.config import RunConfig
 from task.model import (
     get_adapter_state,
@@ -31,8 +30,8 @@ from task.train import train_local
 State = dict[str, torch.Tensor]
 
 
-class FedAvgLoRA(FedGenStrategy, FedAvg):
-    pass
+class FedAvgLoRA(FedGenStrategy, MeasuredFedAvg):
+    """FedAvg that also records its aggregation error (mean(B) mean(A) vs mean(B A))."""
 
 
 def client_train(cfg: RunConfig, received: State, partition_id: int, blocks: torch.Tensor,

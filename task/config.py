@@ -71,6 +71,8 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/default"
     cache_dir: str = ""
+    # Heterogeneous LoRA ranks (hetlora, flora): "rank:share,..." assigned to partitions, seeded.
+    rank_mix: str = ""
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -130,6 +132,12 @@ class RunConfig:
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.output_dir), "output-dir", "must not be empty")
+        try:
+            mix = parse_rank_mix(self.rank_mix)
+        except ValueError as err:
+            need(False, "rank-mix", str(err))
+        need(all(r <= self.lora_rank for r in mix), "rank-mix",
+             f"ranks must be <= lora-rank ({self.lora_rank}), the server's adapter rank")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
@@ -140,6 +148,20 @@ class RunConfig:
     @property
     def cache_path(self) -> Path:
         return _resolve(self.cache_dir or "cache")
+
+
+def parse_rank_mix(text: str) -> dict[int, float]:
+    """``"2:0.5,8:0.3,16:0.2"`` -> {rank: share of clients}; "" -> {} (every client lora-rank)."""
+    mix: dict[int, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        rank, _, share = item.partition(":")
+        try:
+            mix[int(rank)] = float(share)
+        except ValueError:
+            raise ValueError(f"{item!r} is not rank:share (e.g. 2:0.5,8:0.5)") from None
+    if mix and (min(mix) < 1 or min(mix.values()) <= 0 or abs(sum(mix.values()) - 1) > 1e-6):
+        raise ValueError("ranks must be >= 1 and shares > 0, summing to 1")
+    return mix
 
 
 def fedgen_home() -> Path:
