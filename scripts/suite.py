@@ -5,6 +5,9 @@ ablations (LoRA rank; local epochs), each a real `flwr run`, then report.md + PN
     python scripts/suite.py --size paper      # the paper's scale (a GPU machine)
     python scripts/suite.py --size tiny       # tiny-gpt2, a few minutes (CI)
     python scripts/suite.py --report-only --out outputs/suite-quick
+    # exact / heterogeneous-rank LoRA aggregation, with a rank-mix run beside each uniform one:
+    python scripts/suite.py --quick --methods fedavg-lora,ffa-lora,fedex-lora,flora,fedsa-lora \
+        --no-ablations --rank-mix 2:0.5,8:0.3,16:0.2 --out outputs/suite-aggregation
 
 Finished runs (results.json with a "final" section) are kept and not run again, so an
 interrupted suite resumes where it stopped.
@@ -27,6 +30,10 @@ from simulate import LocalSuperLink  # noqa: E402
 
 METHODS = ["centralized-full", "centralized-lora", "fedavg-lora", "ditto", "fedper", "fedavg-full",
            "fedprox", "fedadam", "local-only"]
+# Exact and heterogeneous-rank LoRA aggregation (issue 8); with --rank-mix, each of HET_METHODS
+# also runs with the mix ("<method>-mix", lora-rank = the mix's largest rank, same alpha / r).
+AGGREGATION_METHODS = ["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "hetlora"]
+HET_METHODS = ["hetlora", "flora"]
 PAPER_PTB = {"centralized-full": 75.4, "centralized-lora": 78.9, "fedavg-lora": 85.2,
              "ditto": 94.6, "fedper": 98.4, "fedavg-full": 115.7, "local-only": 142.3}
 
@@ -68,10 +75,18 @@ def ablation_run(size: str, key: str, value: int) -> str:
     return f"{key}-{value}"
 
 
-def plan(size: str) -> list[tuple[str, dict]]:
-    """(run name, run-config overrides) for every run of the suite."""
+def plan(size: str, methods: list[str] | None = None, ablations: bool = True,
+         rank_mix: str = "") -> list[tuple[str, dict]]:
+    """(run name, run-config overrides) for every run of the suite: the size's methods (or
+    ``methods``), the rank-mix runs, then the ablations."""
     spec = SIZES[size]
-    runs = [(m, {"strategy": m}) for m in spec["methods"]]
+    runs = [(m, {"strategy": m}) for m in (methods or spec["methods"])]
+    if rank_mix:
+        top = max(int(item.split(":")[0]) for item in rank_mix.split(","))
+        runs += [(f"{m}-mix", {"strategy": m, "rank-mix": rank_mix, "lora-rank": top,
+                               "lora-alpha": 2.0 * top}) for m in HET_METHODS]
+    if not ablations:
+        return runs
     # Ablation runs skip the personalization protocol: they compare global perplexity and bytes.
     ablation = {"strategy": "fedavg-lora", "personalize-clients": 0}
     for r in spec["ranks"]:
@@ -92,10 +107,11 @@ def results_of(out: Path, name: str) -> dict | None:
     return results if results.get("final") else None
 
 
-def run_suite(size: str, out: Path, cache: Path, timeout: float | None) -> None:
+def run_suite(size: str, out: Path, cache: Path, timeout: float | None, **selection) -> None:
     spec = SIZES[size]
-    todo = [(n, o) for n, o in plan(size) if results_of(out, n) is None]
-    print(f"suite {size}: {len(plan(size)) - len(todo)} runs done, {len(todo)} to run", flush=True)
+    runs = plan(size, **selection)
+    todo = [(n, o) for n, o in runs if results_of(out, n) is None]
+    print(f"suite {size}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
     if not todo:
         return
     with LocalSuperLink(out / ".flwr") as link:
@@ -127,18 +143,18 @@ def _mb(b) -> str:
     return f"{b / 1e6:,.2f} MB"
 
 
-def report(size: str, out: Path, target: float | None = None) -> Path:
+def report(size: str, out: Path, target: float | None = None, **selection) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     spec = SIZES[size]
-    runs = {name: results_of(out, name) for name, _ in plan(size)}
+    runs = {name: results_of(out, name) for name, _ in plan(size, **selection)}
     missing = [n for n, r in runs.items() if r is None]
     if missing:
         raise SystemExit(f"runs without results: {missing}")
-    methods = [m for m in spec["methods"]]
+    methods = [n for n, o in plan(size, **{**selection, "ablations": False})]
     base = runs["fedavg-lora"] if "fedavg-lora" in runs else next(iter(runs.values()))
     target = target or round(1.25 * base["final"]["global_ppl"], 1)
     cfg = base["config"]
@@ -214,7 +230,13 @@ def report(size: str, out: Path, target: float | None = None) -> Path:
         fig.savefig(out / "personalization.png", dpi=100)
         plt.close(fig)
 
+    lines += aggregation_section(runs, methods)
+
     # Ablations.
+    if not selection.get("ablations", True):
+        path = out / "report.md"
+        path.write_text("\n".join(lines) + "\n")
+        return path
     for title, key, values, fname in (("LoRA rank", "rank", spec["ranks"], "ablation-rank.png"),
                                       ("Local epochs", "epochs", spec["epochs"], "ablation-epochs.png")):
         names = [ablation_run(size, key, v) for v in values]
@@ -244,6 +266,34 @@ def report(size: str, out: Path, target: float | None = None) -> Path:
     return path
 
 
+def aggregation_section(runs: dict, names: list[str]) -> list[str]:
+    """Exact / heterogeneous-rank aggregation: bytes per round and the measured aggregation
+    error ||B_agg A_agg - mean_i B_i A_i|| / ||mean_i B_i A_i||, mean over rounds (0 = exact)."""
+    names = [n for n in names if runs[n]["config"]["strategy"] in AGGREGATION_METHODS]
+    if len(names) < 2:
+        return []
+    lines = ["## Exact and heterogeneous-rank LoRA aggregation", "",
+             "| run | strategy | ranks | global ppl | personalized ppl | upload / round | "
+             "download / round | aggregation error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        r, cfg = runs[n], runs[n]["config"]
+        fed = [x for x in r["rounds"] if x["round"] > 0]
+        errors = [x["aggregation_error"] for x in fed
+                  if isinstance(x.get("aggregation_error"), (int, float)) and math.isfinite(x["aggregation_error"])]
+        error = f"{sum(errors) / len(errors):.2e}" if errors else "n/a (B stays personal)"
+        lines.append(f"| {n} | {cfg['strategy']} | {cfg.get('rank-mix') or cfg['lora-rank']} | "
+                     f"{_fmt(r['final']['global_ppl'])} | {_fmt(r['final'].get('protocol_personalized_ppl'))} | "
+                     f"{_mb(sum(x['upload_bytes'] for x in fed) / len(fed))} | "
+                     f"{_mb(sum(x['download_bytes'] for x in fed) / len(fed))} | {error} |")
+    for n in names:
+        if runs[n]["config"]["strategy"] == "flora":
+            per_round = ", ".join(_mb(x["download_bytes"]) for x in runs[n]["rounds"] if x["round"] > 0)
+            lines += ["", f"{n} downlink per round (rounds 1..N, {runs[n]['clients_per_round']} clients "
+                      f"per round): {per_round}. It grows by one stacked adapter per client per round "
+                      "(until a layer's factors outgrow its dense matrix)."]
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
@@ -256,7 +306,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="perplexity target for 'rounds to target' (default 1.25 x fedavg-lora final)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per run")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated strategies to run instead of the size's list")
+    parser.add_argument("--no-ablations", dest="ablations", action="store_false",
+                        help="skip the rank and local-epochs ablations")
+    parser.add_argument("--rank-mix", default="",
+                        help=f"also run {', '.join(HET_METHODS)} with this rank-mix, e.g. 2:0.5,8:0.3,16:0.2")
     args = parser.parse_args(argv)
+    selection = {"methods": args.methods.split(",") if args.methods else None,
+                 "ablations": args.ablations, "rank_mix": args.rank_mix}
     args.size = args.size or "quick"
     # SIGTERM must still stop the suite's SuperLink and everything under it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -264,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not args.report_only:
-        run_suite(args.size, out, args.cache.resolve(), args.timeout)
-    path = report(args.size, out, args.target_ppl)
+        run_suite(args.size, out, args.cache.resolve(), args.timeout, **selection)
+    path = report(args.size, out, args.target_ppl, **selection)
     print(f"report: {path} ({time.time() - t0:.0f}s)")
     return 0
 
