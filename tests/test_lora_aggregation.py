@@ -3,6 +3,7 @@ updates (fedavg-lora inexact, the exact methods at float precision), and what ea
 trains, uploads and keeps."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from task.lora_ops import (
     pad_rank,
     product_error,
     rank_assignment,
+    rank_of,
     set_base_correction,
     split_correction,
     truncate_rank,
@@ -38,6 +40,7 @@ from task.model import (
     shared_lora_model,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 OUT, IN, RANK = 40, 30, 4
 PREFIXES = ("m.layers.0.q", "m.layers.1.v")
 KEYS = [p + s for p in PREFIXES for s in (A_SUFFIX, B_SUFFIX)]
@@ -351,3 +354,47 @@ def test_flora_and_hetlora_clients_train_their_own_rank(tiny_cfg, blocks):
     model = shared_lora_model(cfg)
     assert model.active_adapter == "default"
     assert set(get_adapter_state(model)) == set(initial)
+
+
+# ------------------------------------------------------------------ suite and end to end
+def test_suite_plans_the_aggregation_comparison():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from suite import plan
+
+    runs = dict(plan("quick", methods=["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora"],
+                     ablations=False, rank_mix="2:0.5,8:0.3,16:0.2"))
+    assert list(runs) == ["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora",
+                          "hetlora-mix", "flora-mix"]
+    assert runs["flora-mix"] == {"strategy": "flora", "rank-mix": "2:0.5,8:0.3,16:0.2",
+                                 "lora-rank": 16, "lora-alpha": 32.0}  # alpha / r as at rank 8
+    for overrides in runs.values():  # every run's config is valid for its strategy
+        cfg = RunConfig.from_run_config(overrides)
+        assert strategy_entry(cfg).module is STRATEGIES[overrides["strategy"]].module
+
+
+@pytest.mark.slow
+def test_heterogeneous_ranks_end_to_end(tmp_path):
+    """A real `flwr run`: nodes report their ranks, get rank-r adapters, all are aggregated."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out, cache = tmp_path / "out", Path(os.environ["FEDGEN_EDGE_HOME"]) / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "4",
+         "--flwr-home", str(tmp_path / "flwr"), "--timeout", "600", "--run-config", "conf/smoke.toml",
+         "--run-config", f"strategy='hetlora' rank-mix='2:0.5,8:0.5' personalize-clients=0 "
+                         f"output-dir='{out}' cache-dir='{cache}'"],
+        cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    for r in rounds[1:]:
+        assert r["num_updates"] == 2 and r["rejected"] == 0 and r["failures"] == 0
+        assert r["aggregation_error"] > 0
+    assert rounds[-1]["global_ppl"] < rounds[0]["global_ppl"]
+    # the personal adapters are rank-8 (zero-padded) standard peft checkpoints
+    adapters = list((out / "clients").glob("client-*/personal-adapter/adapter_model.safetensors"))
+    assert adapters and all(rank_of(load_adapter_file(a.parent)) == 8 for a in adapters)
