@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -273,17 +275,47 @@ def save_adapter(model: PeftModel, path: Path,
     model.peft_config["default"].save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    # A process killed here (a device losing power) leaves either the new or the old adapter:
+    # the old one is moved aside, never deleted before the new one is in place.
+    old = path.with_name(f"{path.name}.old")
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(old, ignore_errors=True)
+        path.replace(old)
     tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter_file(path: Path) -> dict[str, torch.Tensor] | None:
     """Adapter tensors of a peft checkpoint folder (keys as set_adapter_state wants), or None."""
-    file = path / "adapter_model.safetensors"
-    return load_file(str(file)) if file.exists() else None
+    for folder in (path, path.with_name(f"{path.name}.old")):  # .old: save_adapter interrupted
+        file = folder / "adapter_model.safetensors"
+        if file.exists():
+            return load_file(str(file))
+    return None
+
+
+# Deployment: the SuperNode's own state folder for the message being handled (set by the
+# ClientApp around each call; a context variable, so concurrent calls cannot mix it up).
+_NODE_STATE_DIR: ContextVar[Path | None] = ContextVar("node_state_dir", default=None)
+
+
+@contextmanager
+def node_state_dir(path: Path | None):
+    """Within the block, personal adapters live in ``path`` (the device), not under output-dir."""
+    token = _NODE_STATE_DIR.set(path)
+    try:
+        yield
+    finally:
+        _NODE_STATE_DIR.reset(token)
 
 
 def personal_adapter_dir(cfg: RunConfig, partition_id: int) -> Path:
-    """Where a client keeps its personalized adapter (peft format); it survives restarts."""
+    """Where a client keeps its personalized adapter (peft format); it survives restarts.
+
+    On a SuperNode with a state folder (deployment), that folder; in simulation, one folder
+    per partition under ``output-dir``.
+    """
+    node_dir = _NODE_STATE_DIR.get()
+    if node_dir is not None:
+        return node_dir / "personal-adapter"
     return cfg.output_path / "clients" / f"client-{partition_id:04d}" / "personal-adapter"
