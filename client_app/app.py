@@ -95,7 +95,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         train_local(model, train_blocks, epochs=1, batch_size=cfg.batch_size,
                     lr=cfg.full_learning_rate if full else cfg.learning_rate,
                     weight_decay=cfg.weight_decay,
-                    max_steps=cfg.max_steps, seed=cfg.seed + partition_id)
+                    max_steps=cfg.max_steps, seed=cfg.seed + partition_id,
+                    precision=cfg.precision)
         personal_eval = evaluate_nll(model, test_blocks, **kwargs)
     elif personal_state is not None:
         load(model, personal_state)

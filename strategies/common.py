@@ -60,7 +60,8 @@ def local_training_kwargs(cfg, seed: int, full_model: bool = False) -> dict:
     takes its own, much smaller, learning rate)."""
     return dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                 lr=cfg.full_learning_rate if full_model else cfg.learning_rate,
-                weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed)
+                weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed,
+                precision=cfg.precision)
 
 
 def wire_bytes(obj) -> int:

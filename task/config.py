@@ -18,6 +18,8 @@ BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DATASETS = ("shakespeare", "ptb")
 PARTITIONERS = ("lda-dirichlet", "iid", "role")
 TASKS = ("lm",)
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,10 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/default"
     cache_dir: str = ""
+    # Small devices (deployment): where and how local training runs.
+    device: str = "cpu"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -130,6 +136,8 @@ class RunConfig:
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.output_dir), "output-dir", "must not be empty")
+        need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
@@ -153,6 +161,10 @@ def _resolve(path: str) -> Path:
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config key '{key}' = {value!r}: must be true or false")
+        return value
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

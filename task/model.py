@@ -172,7 +172,23 @@ def _restrict_c_attn_to_qv(model: PeftModel, adapter_name: str = "default") -> N
 
 def _model_key(cfg: RunConfig) -> tuple:
     return (cfg.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed,
-            str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0)
+            str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0,
+            cfg.device, cfg.gradient_checkpointing)
+
+
+def torch_device(cfg: RunConfig) -> torch.device:
+    """``device``: cpu, cuda, or auto (cuda when this machine has it, e.g. a Jetson)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _for_device(cfg: RunConfig, model: PreTrainedModel) -> PreTrainedModel:
+    """Small-device knobs: gradient checkpointing (activations recomputed in backward, less
+    memory; non-reentrant, so it works with a frozen backbone) and the device."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(torch_device(cfg))
 
 
 def shared_lora_model(cfg: RunConfig) -> PeftModel:
@@ -180,7 +196,7 @@ def shared_lora_model(cfg: RunConfig) -> PeftModel:
     key = _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            model = add_lora(cfg, load_backbone(cfg))
+            model = add_lora(cfg, _for_device(cfg, load_backbone(cfg)))
             _SHARED[key] = model
             _INITIAL[key] = get_adapter_state(model)
         return _SHARED[key]
@@ -198,7 +214,7 @@ def shared_full_model(cfg: RunConfig) -> PreTrainedModel:
     key = ("full",) + _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            _SHARED[key] = load_backbone(cfg).requires_grad_(True)
+            _SHARED[key] = _for_device(cfg, load_backbone(cfg)).requires_grad_(True)
         return _SHARED[key]
 
 
@@ -213,8 +229,8 @@ def ensure_adapter(model: PeftModel, cfg: RunConfig, adapter_name: str) -> None:
 
 # --------------------------------------------------------------------------- adapter state
 def get_adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter tensors only (peft's own key names, detached copies)."""
-    return {k: v.detach().clone()
+    """The adapter tensors only (peft's own key names, detached copies on the CPU)."""
+    return {k: v.detach().to("cpu", copy=True)
             for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
@@ -238,7 +254,7 @@ def adapter_parameters(model: PeftModel, adapter_name: str = "default") -> dict[
 
 def get_full_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Every (untied) weight of a fully fine-tuned model."""
-    return {k: p.detach().clone() for k, p in model.named_parameters()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}
 
 
 def set_full_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
