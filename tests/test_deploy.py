@@ -96,7 +96,7 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
         # the round ends at its timeout without it; its evaluation at round 2 reads the
         # adapter it kept on disk; round 3: it trains again.
         run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 evaluate-every=2",
-                                        "round-timeout=150.0"))
+                                        "round-timeout=180.0"))
         try:
             log = dep.node_dir(2) / "supernode.log"
             _wait(lambda: log.read_text().count("Receiving: train message") >= 2, 600,
