@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from task.config import ConfigError
+from task.config import ConfigError, RunConfig
 from task.data import local_text_docs
 from task.model import (
     load_adapter_file,
@@ -46,7 +46,6 @@ def test_node_config_partition_or_own_files(tmp_path, monkeypatch):
     with_dir = NodeConfig.from_node_config({"data-path": str(tmp_path), "state-dir": "/x/s",
                                             "cache-dir": "/x/c"})
     assert with_dir.state_path == Path("/x/s")
-    from task.config import RunConfig
     assert with_dir.run_config(RunConfig(cache_dir="/srv/c")).cache_dir == "/x/c"
 
 
@@ -174,3 +173,46 @@ def test_small_device_knobs_bf16_and_gradient_checkpointing(tiny_cfg):
     assert loss == loss and all(v.dtype == torch.float32 for v in after.values())
     assert any(not torch.equal(start[k], after[k]) for k in start)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_client_app_on_own_files_keeps_its_personal_adapter_in_the_state_dir(tiny_cfg, tmp_path,
+                                                                            monkeypatch):
+    """The ClientApp's train and evaluate handlers as a SuperNode calls them, with a data-path
+    and a state-dir: the personal adapter lands in the node's state folder, evaluate reads it."""
+    import dataclasses
+
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client_app.app import evaluate, train
+    from task.model import initial_adapter_state
+
+    # Messages are stamped with the run/task of the process (a SuperNode sets these).
+    for key, value in (("_run_id", 5), ("_task_id", 1), ("_node_id", 1)):
+        monkeypatch.setattr(TaskIdentity, key, value)
+
+    folder = _text_folder(tmp_path / "data")
+    state_dir = tmp_path / "state"
+    run_config = {RunConfig.key_of(k): v for k, v in dataclasses.asdict(tiny_cfg).items()}
+    context = Context(run_id=5, node_id=1, state=RecordDict(), run_config=run_config,
+                      node_config={"data-path": str(folder), "state-dir": str(state_dir)})
+
+    def message(kind: str, arrays) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord(arrays),
+                                   "config": ConfigRecord({"server-round": 1})}),
+                       dst_node_id=1, message_type=kind)
+
+    reply = train(message(MessageType.TRAIN, initial_adapter_state(tiny_cfg)), context)
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["partition-id"] == -1
+    adapter = state_dir / "run-5" / "personal-adapter"
+    saved = load_adapter_file(adapter)
+    uploaded = reply.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(saved[k], uploaded[k]) for k in saved)
+    assert list((state_dir / "blocks").glob("*.pt"))
+
+    reply = evaluate(message(MessageType.EVALUATE, initial_adapter_state(tiny_cfg)), context)
+    metrics = reply.content["metrics"]
+    assert metrics["personal-tokens"] > 0 and metrics["personal-nll"] != metrics["global-nll"]
+    assert not (tiny_cfg.output_path / "clients").exists(), "nothing personal under output-dir"
