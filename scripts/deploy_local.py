@@ -112,7 +112,7 @@ class LocalDeployment:
             wait_for_port(self.port, self.link)
             if not self.insecure:
                 for i in range(self.num_supernodes):
-                    self.register(self.certs / f"node-{i}.pub", f"node-{i}")
+                    self.node_ids[i] = self.register(self.certs / f"node-{i}.pub", f"node-{i}")
             for i in range(self.num_supernodes):
                 self.start_node(i)
             self.wait_online(self.num_supernodes)
@@ -161,11 +161,29 @@ class LocalDeployment:
     def kill_node(self, i: int) -> None:
         kill_tree(self.nodes.pop(i))
 
-    def online_nodes(self) -> int:
+    def restart_node(self, i: int, timeout: float = 180) -> subprocess.Popen:
+        """Start a crashed SuperNode again, as its device would after a reboot.
+
+        A node killed without saying goodbye stays online at the SuperLink until its heartbeat
+        expires (at most 2 x 30 s), and activating it again is refused until then (the SuperNode
+        exits with Flower's code 305): wait for that first.
+        """
+        deadline = time.time() + timeout
+        while i in self.node_ids and self.node_statuses().get(self.node_ids[i]) == "online":
+            if time.time() > deadline:
+                raise TimeoutError(f"SuperNode {i} still online after {timeout}s")
+            time.sleep(1)
+        return self.start_node(i)
+
+    def node_statuses(self) -> dict[int, str]:
+        """Node id -> status at the SuperLink (registered, online, offline, ...)."""
         res = self._flwr("supernode", "list", CONNECTION, "--format", "json")
         if res.returncode != 0:
-            return 0
-        return sum(n["status"] == "online" for n in json.loads(res.stdout)["nodes"])
+            return {}
+        return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
+
+    def online_nodes(self) -> int:
+        return sum(status == "online" for status in self.node_statuses().values())
 
     def wait_online(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -234,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_path and len(args.data_path) != args.num_supernodes:
         parser.error("give one --data-path per SuperNode")
     name = next((Path(i).stem for i in args.run_config if i.endswith(".toml")), "default")
-    run_config = merge_run_config(
+    run_config = merge_run_config(  # the run waits for every SuperNode (min-available-nodes)
         [f"output-dir='{ROOT / 'outputs' / f'deploy-{name}'}' cache-dir='{ROOT / '.cache' / 'fedgen'}'",
-         *args.run_config])
+         f"min-available-nodes={args.num_supernodes}", *args.run_config])
     # SIGTERM (e.g. a CI timeout) must still stop every process on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.time()

@@ -164,8 +164,10 @@ class FedGenStrategy:
     """
 
     def __init__(self, *, spec: ArraySpec | None, seed: int, num_rounds: int,
-                 evaluate_every: int = 1, **flower_kwargs) -> None:
-        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+                 evaluate_every: int = 1, min_available_nodes: int = 1, **flower_kwargs) -> None:
+        # min_available_nodes: Flower waits for that many connected nodes before each sampling.
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=1,
+                         min_available_nodes=min_available_nodes,
                          arrayrecord_key=ARRAYS_KEY, **flower_kwargs)
         self.spec = spec
         self.seed = seed

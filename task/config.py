@@ -73,10 +73,11 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/default"
     cache_dir: str = ""
-    # Small devices (deployment): where and how local training runs.
+    # Deployment: where and how a device trains, and how many devices a run waits for.
     device: str = "cpu"
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    min_available_nodes: int = 1
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -138,6 +139,7 @@ class RunConfig:
         need(bool(self.output_dir), "output-dir", "must not be empty")
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.min_available_nodes >= 1, "min-available-nodes", "must be >= 1")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
