@@ -13,30 +13,37 @@ from flwr.clientapp import ClientApp
 
 from strategies import is_full_model, strategy_entry
 from task.config import RunConfig
-from task.data import client_blocks
 from task.lora_ops import client_rank
-from task.model import set_adapter_state, set_full_state, shared_full_model, shared_lora_model
+from task.model import (
+    node_state_dir,
+    set_adapter_state,
+    set_full_state,
+    shared_full_model,
+    shared_lora_model,
+)
+from task.node import NodeConfig, node_blocks
 from task.train import evaluate_nll, train_local
 
 app = ClientApp()
 
 
 def _setup(msg: Message, context: Context):
-    cfg = RunConfig.from_run_config(context.run_config)
-    partition_id = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    node = NodeConfig.from_node_config(context.node_config)  # partition or own files, state dir
+    cfg = node.run_config(RunConfig.from_run_config(context.run_config))
     arrays = msg.content.array_records.get("arrays")
     received = arrays.to_torch_state_dict() if arrays is not None else {}
-    return cfg, partition_id, received, client_blocks(cfg, partition_id, num_partitions)
+    return cfg, node, received, node_blocks(cfg, node)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, partition_id, received, (train_blocks, _) = _setup(msg, context)
+    cfg, node, received, (train_blocks, _) = _setup(msg, context)
+    partition_id = node.partition_id
     config = msg.content["config"]
     seed = cfg.seed * 100_003 + int(config["server-round"]) * 1009 + partition_id
-    upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
-                                                           train_blocks, seed, config)
+    with node_state_dir(node.run_state_path(context.run_id)):  # the personal adapter's home
+        upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
+                                                               train_blocks, seed, config)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(train_blocks),
                                                    "train-loss": loss,
                                                    "partition-id": partition_id})})
@@ -66,12 +73,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     local-only) start from that one instead.
     """
     config = msg.content["config"]
-    if config.get("personalize") and str(context.node_config["partition-id"]) not in \
+    if config.get("personalize") and str(context.node_config.get("partition-id", -1)) not in \
             str(config["personalize-partitions"]).split(","):
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
-    cfg, partition_id, received, (train_blocks, test_blocks) = _setup(msg, context)
+    cfg, node, received, (train_blocks, test_blocks) = _setup(msg, context)
+    partition_id = node.partition_id
     module = strategy_entry(cfg).module
-    global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
+    with node_state_dir(node.run_state_path(context.run_id)):
+        global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
     full = is_full_model(cfg)
     model = shared_full_model(cfg) if full else shared_lora_model(cfg)
     load = set_full_state if full else set_adapter_state
@@ -89,7 +98,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         train_local(model, train_blocks, epochs=1, batch_size=cfg.batch_size,
                     lr=cfg.full_learning_rate if full else cfg.learning_rate,
                     weight_decay=cfg.weight_decay,
-                    max_steps=cfg.max_steps, seed=cfg.seed + partition_id)
+                    max_steps=cfg.max_steps, seed=cfg.seed + partition_id,
+                    precision=cfg.precision)
         personal_eval = evaluate_nll(model, test_blocks, **kwargs)
     elif personal_state is not None:
         load(model, personal_state)

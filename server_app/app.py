@@ -48,6 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     test_blocks = global_test_blocks(cfg)
     adapter_params, backbone_params = parameter_counts(lora_model)
     initial_arrays = ArrayRecord(entry.module.server_initial_state(cfg))
+    wait_for_nodes(grid, cfg.min_available_nodes)
     num_clients = len(list(grid.get_node_ids()))
     clients_per_round = max(1, int(num_clients * cfg.fraction_train))
     log.info("adapter %d parameters vs backbone %d (%.3f%%); %d clients; setup %.1fs",
@@ -132,6 +133,13 @@ def main(grid: Grid, context: Context) -> None:
         "wall_s": round(time.time() - t0, 1),
     })
     log.info("FedGen-Edge finished: results in %s", out)
+
+
+def wait_for_nodes(grid: Grid, count: int) -> None:
+    """Deployment: devices connect when they connect; start once ``count`` are online."""
+    while (connected := len(list(grid.get_node_ids()))) < count:
+        log.info("waiting for SuperNodes: %d of min-available-nodes %d connected", connected, count)
+        time.sleep(3)
 
 
 def partition_order(grid: Grid, timeout: float) -> list[int]:

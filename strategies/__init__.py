@@ -88,4 +88,5 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
         spec=array_spec(initial_arrays) if len(initial_arrays) else None, seed=cfg.seed,
         num_rounds=cfg.num_server_rounds, fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate, evaluate_every=cfg.evaluate_every,
+        min_available_nodes=cfg.min_available_nodes,
         **entry.flower_kwargs(cfg))

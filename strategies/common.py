@@ -60,7 +60,8 @@ def local_training_kwargs(cfg, seed: int, full_model: bool = False) -> dict:
     takes its own, much smaller, learning rate)."""
     return dict(epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                 lr=cfg.full_learning_rate if full_model else cfg.learning_rate,
-                weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed)
+                weight_decay=cfg.weight_decay, max_steps=cfg.max_steps, seed=seed,
+                precision=cfg.precision)
 
 
 def wire_bytes(obj) -> int:
@@ -163,8 +164,10 @@ class FedGenStrategy:
     """
 
     def __init__(self, *, spec: ArraySpec | None, seed: int, num_rounds: int,
-                 evaluate_every: int = 1, **flower_kwargs) -> None:
-        super().__init__(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1,
+                 evaluate_every: int = 1, min_available_nodes: int = 1, **flower_kwargs) -> None:
+        # min_available_nodes: Flower waits for that many connected nodes before each sampling.
+        super().__init__(min_train_nodes=1, min_evaluate_nodes=1,
+                         min_available_nodes=min_available_nodes,
                          arrayrecord_key=ARRAYS_KEY, **flower_kwargs)
         self.spec = spec
         self.seed = seed

@@ -18,6 +18,8 @@ BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DATASETS = ("shakespeare", "ptb")
 PARTITIONERS = ("lda-dirichlet", "iid", "role")
 TASKS = ("lm",)
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -73,6 +75,11 @@ class RunConfig:
     cache_dir: str = ""
     # Heterogeneous LoRA ranks (hetlora, flora): "rank:share,..." assigned to partitions, seeded.
     rank_mix: str = ""
+    # Deployment: where and how a device trains, and how many devices a run waits for.
+    device: str = "cpu"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    min_available_nodes: int = 1
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -138,6 +145,9 @@ class RunConfig:
             need(False, "rank-mix", str(err))
         need(all(r <= self.lora_rank for r in mix), "rank-mix",
              f"ranks must be <= lora-rank ({self.lora_rank}), the server's adapter rank")
+        need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
+        need(self.min_available_nodes >= 1, "min-available-nodes", "must be >= 1")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
@@ -175,6 +185,10 @@ def _resolve(path: str) -> Path:
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     type_name = type_name if isinstance(type_name, str) else type_name.__name__
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config key '{key}' = {value!r}: must be true or false")
+        return value
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():

@@ -296,3 +296,58 @@ def global_test_blocks(cfg: RunConfig) -> torch.Tensor:
 
     corpus = load_corpus(cfg)
     return token_blocks(load_tokenizer(cfg), [corpus.docs[i] for i in corpus.global_test], cfg.seq_len)
+
+
+# --------------------------------------------------------------------------- a device's own files
+def local_text_docs(cfg: RunConfig, data_path: str) -> tuple[list[str], list[str]]:
+    """(train, test) documents from a folder of a device's own ``.txt`` files.
+
+    Every ``*.txt`` file under ``data_path`` (recursively, UTF-8) is read line by line,
+    preprocessed like the federation's corpus (PTB-style: lower case, numbers -> N,
+    punctuation dropped) and cut into documents of about ``chunk-words`` words. A document goes
+    to the local test set when a hash of (seed, file path, document index) falls below
+    ``test-fraction``: deterministic, and adding a file never moves existing documents between
+    train and test. Both sets get at least one document.
+    """
+    root = Path(data_path).expanduser()
+    files = sorted(root.rglob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"data-path {root} holds no .txt files")
+    train: list[str] = []
+    test: list[str] = []
+    for file in files:
+        lines = [n for n in map(ptb_normalize, file.read_text(encoding="utf-8").splitlines()) if n]
+        for i, doc in enumerate(_chunk(lines, cfg.chunk_words)):
+            digest = hashlib.sha1(f"{cfg.seed}:{file.relative_to(root)}:{i}".encode()).digest()
+            (test if int.from_bytes(digest[:8], "big") / 2**64 < cfg.test_fraction else train).append(doc)
+    if not train and len(test) > 1:
+        train.append(test.pop())
+    if not test and len(train) > 1:
+        test.append(train.pop())
+    if not train or not test:
+        raise ValueError(f"data-path {root}: {len(train) + len(test)} document(s) of chunk-words "
+                         f"{cfg.chunk_words} words; need at least two (add text or lower chunk-words)")
+    return train, test
+
+
+def local_text_blocks(cfg: RunConfig, data_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train blocks, local-test blocks) of a device's own text files."""
+    from task.model import load_tokenizer
+
+    train, test = local_text_docs(cfg, data_path)
+    tokenizer = load_tokenizer(cfg)
+    return token_blocks(tokenizer, train, cfg.seq_len), token_blocks(tokenizer, test, cfg.seq_len)
+
+
+def cached_blocks(folder: Path, key: list, build) -> tuple[torch.Tensor, torch.Tensor]:
+    """``build()`` once, then read back from ``folder`` (a fresh ClientApp process per message
+    in deployment would otherwise re-partition and re-tokenize every time)."""
+    path = folder / f"{hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        return tuple(torch.load(path))
+    blocks = build()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(blocks, tmp)
+    tmp.replace(path)
+    return blocks

@@ -18,6 +18,8 @@ import logging
 import os
 import shutil
 import threading
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -170,7 +172,23 @@ def _restrict_c_attn_to_qv(model: PeftModel, adapter_name: str = "default") -> N
 
 def _model_key(cfg: RunConfig) -> tuple:
     return (cfg.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed,
-            str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0)
+            str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0,
+            cfg.device, cfg.gradient_checkpointing)
+
+
+def torch_device(cfg: RunConfig) -> torch.device:
+    """``device``: cpu, cuda, or auto (cuda when this machine has it, e.g. a Jetson)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _for_device(cfg: RunConfig, model: PreTrainedModel) -> PreTrainedModel:
+    """Small-device knobs: gradient checkpointing (activations recomputed in backward, less
+    memory; non-reentrant, so it works with a frozen backbone) and the device."""
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(torch_device(cfg))
 
 
 def shared_lora_model(cfg: RunConfig) -> PeftModel:
@@ -178,7 +196,7 @@ def shared_lora_model(cfg: RunConfig) -> PeftModel:
     key = _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            model = add_lora(cfg, load_backbone(cfg))
+            model = add_lora(cfg, _for_device(cfg, load_backbone(cfg)))
             _SHARED[key] = model
             _INITIAL[key] = get_adapter_state(model)
         return _SHARED[key]
@@ -196,7 +214,7 @@ def shared_full_model(cfg: RunConfig) -> PreTrainedModel:
     key = ("full",) + _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            _SHARED[key] = load_backbone(cfg).requires_grad_(True)
+            _SHARED[key] = _for_device(cfg, load_backbone(cfg)).requires_grad_(True)
         return _SHARED[key]
 
 
@@ -211,8 +229,8 @@ def ensure_adapter(model: PeftModel, cfg: RunConfig, adapter_name: str) -> None:
 
 # --------------------------------------------------------------------------- adapter state
 def get_adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter tensors only (peft's own key names, detached copies)."""
-    return {k: v.detach().clone()
+    """The adapter tensors only (peft's own key names, detached copies on the CPU)."""
+    return {k: v.detach().to("cpu", copy=True)
             for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
 
 
@@ -236,7 +254,7 @@ def adapter_parameters(model: PeftModel, adapter_name: str = "default") -> dict[
 
 def get_full_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Every (untied) weight of a fully fine-tuned model."""
-    return {k: p.detach().clone() for k, p in model.named_parameters()}
+    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}
 
 
 def set_full_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
@@ -273,17 +291,47 @@ def save_adapter(model: PeftModel, path: Path,
     model.peft_config["default"].save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
               metadata={"format": "pt"})
+    # A process killed here (a device losing power) leaves either the new or the old adapter:
+    # the old one is moved aside, never deleted before the new one is in place.
+    old = path.with_name(f"{path.name}.old")
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(old, ignore_errors=True)
+        path.replace(old)
     tmp.replace(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_adapter_file(path: Path) -> dict[str, torch.Tensor] | None:
     """Adapter tensors of a peft checkpoint folder (keys as set_adapter_state wants), or None."""
-    file = path / "adapter_model.safetensors"
-    return load_file(str(file)) if file.exists() else None
+    for folder in (path, path.with_name(f"{path.name}.old")):  # .old: save_adapter interrupted
+        file = folder / "adapter_model.safetensors"
+        if file.exists():
+            return load_file(str(file))
+    return None
+
+
+# Deployment: the SuperNode's own state folder for the message being handled (set by the
+# ClientApp around each call; a context variable, so concurrent calls cannot mix it up).
+_NODE_STATE_DIR: ContextVar[Path | None] = ContextVar("node_state_dir", default=None)
+
+
+@contextmanager
+def node_state_dir(path: Path | None):
+    """Within the block, personal adapters live in ``path`` (the device), not under output-dir."""
+    token = _NODE_STATE_DIR.set(path)
+    try:
+        yield
+    finally:
+        _NODE_STATE_DIR.reset(token)
 
 
 def personal_adapter_dir(cfg: RunConfig, partition_id: int) -> Path:
-    """Where a client keeps its personalized adapter (peft format); it survives restarts."""
+    """Where a client keeps its personalized adapter (peft format); it survives restarts.
+
+    On a SuperNode with a state folder (deployment), that folder; in simulation, one folder
+    per partition under ``output-dir``.
+    """
+    node_dir = _NODE_STATE_DIR.get()
+    if node_dir is not None:
+        return node_dir / "personal-adapter"
     return cfg.output_path / "clients" / f"client-{partition_id:04d}" / "personal-adapter"

@@ -23,7 +23,7 @@ class EvalResult:
 def proximal_penalty(params: dict[str, nn.Parameter], reference: dict[str, torch.Tensor],
                      coef: float) -> Callable[[], torch.Tensor]:
     """coef/2 * ||w - w_ref||^2 over the named parameters (FedProx's mu, Ditto's lambda)."""
-    pairs = [(params[k], reference[k].detach()) for k in params]
+    pairs = [(params[k], reference[k].detach().to(params[k].device)) for k in params]
 
     def penalty() -> torch.Tensor:
         return 0.5 * coef * sum(((p - ref) ** 2).sum() for p, ref in pairs)
@@ -34,24 +34,29 @@ def proximal_penalty(params: dict[str, nn.Parameter], reference: dict[str, torch
 def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_size: int,
                 lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0,
                 penalty: Callable[[], torch.Tensor] | None = None,
-                after_step: Callable[[int], None] | None = None) -> float:
+                after_step: Callable[[int], None] | None = None,
+                precision: str = "fp32") -> float:
     """AdamW over the trainable parameters only; returns the mean training loss.
 
     ``max_steps`` caps the optimizer steps of this call (0 = the full ``epochs``), which is how
     CPU runs keep a round short. ``penalty`` is added to each step's loss (proximal terms);
     ``after_step(n)`` runs after optimizer step n (it may evaluate: training mode is restored).
+    ``precision="bf16"`` runs forward passes under bf16 autocast (the adapter and optimizer state
+    stay float32), on whatever device the model is on.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # LoRA dropout
+    device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
     for _ in range(epochs):
         order = torch.randperm(len(blocks), generator=generator)
         for start in range(0, len(blocks), batch_size):
-            batch = blocks[order[start:start + batch_size]]
-            loss = model(input_ids=batch, labels=batch).loss
+            batch = blocks[order[start:start + batch_size]].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses)}")
             (loss + penalty() if penalty is not None else loss).backward()
@@ -74,11 +79,12 @@ def evaluate_nll(model: nn.Module, blocks: torch.Tensor, *, batch_size: int,
                  max_batches: int = 0) -> EvalResult:
     """Summed NLL over the first ``max_batches`` batches (0 = all): a fixed, comparable subset."""
     model.eval()
+    device = next(model.parameters()).device
     nll, tokens = 0.0, 0
     for i, start in enumerate(range(0, len(blocks), batch_size)):
         if max_batches and i >= max_batches:
             break
-        batch = blocks[start:start + batch_size]
+        batch = blocks[start:start + batch_size].to(device)
         n = batch.numel() - batch.shape[0]  # the first token of each block is not predicted
         nll += model(input_ids=batch, labels=batch).loss.item() * n
         tokens += n

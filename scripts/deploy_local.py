@@ -1,0 +1,272 @@
+"""A real deployment on loopback: one SuperLink and N SuperNodes, with TLS and node authentication.
+
+    python scripts/deploy_local.py --num-supernodes 3 --run-config conf/smoke.toml [--run-config "k=v"]
+
+makes a CA, a server certificate and N node keys (scripts/certs.py), starts
+``flower-superlink`` with TLS and ``--enable-supernode-auth`` on a free loopback port, registers
+the N node public keys, starts N ``flower-supernode`` processes (each with its own Flower home,
+``--node-config "partition-id=i num-partitions=N state-dir=..."`` and key), waits until all are
+online, runs ``flwr run . fedgen --stream`` against them with runtime dependency installation
+off, checks that the run finished, and stops every process it started, by PID (whole process
+trees; also on Ctrl-C and SIGTERM). ``--insecure`` (no TLS, no node authentication) exists only
+for local experiments.
+
+Everything lands under ``--work-dir`` (default ``.flwr/deploy/``): ``certs/``, ``superlink/``
+(the Flower home of the CLI and the SuperLink log) and ``nodes/node-i/`` (a SuperNode's Flower
+home, its log, and ``state/``, where the node keeps its personal adapter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from certs import make_certificates  # noqa: E402
+from simulate import ROOT, free_port, merge_run_config, stop, wait_for_port  # noqa: E402
+
+CONNECTION = "fedgen"
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything under it at once, as a power cut would (for tests)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+    proc.wait(timeout=10)
+
+
+class LocalDeployment:
+    """``flower-superlink`` + N ``flower-supernode`` processes on loopback, owned by this process.
+
+    ``with LocalDeployment(work_dir, 3) as dep: dep.run({...})``. Nodes can be killed and started
+    again (``kill_node`` / ``start_node``) while a run goes on; leaving the block stops everything.
+    ``data_paths`` gives node i the folder ``data_paths[i]`` (its own text files) instead of a
+    partition of the benchmark corpus.
+    """
+
+    def __init__(self, work_dir: Path, num_supernodes: int, insecure: bool = False,
+                 data_paths: list[str] = (), extra_hosts: list[str] = ()) -> None:
+        self.work = work_dir.resolve()
+        self.num_supernodes = num_supernodes
+        self.insecure = insecure
+        self.data_paths = [str(Path(p).resolve()) for p in data_paths]
+        self.extra_hosts = list(extra_hosts)
+        self.certs = self.work / "certs"
+        self.home = self.work / "superlink"
+        self.bin_dir = Path(sys.executable).parent
+        # Flower starts flower-superexec / flwr-serverapp / flwr-clientapp by name: put them on PATH.
+        self.env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.link: subprocess.Popen | None = None
+        self.nodes: dict[int, subprocess.Popen] = {}
+        self.node_ids: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ processes
+    def _cli_env(self) -> dict:
+        return {**self.env, "FLWR_HOME": str(self.home)}
+
+    def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(self.bin_dir / "flwr"), *args], env=self._cli_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def __enter__(self) -> "LocalDeployment":
+        self.port = free_port()  # Flower 1.41 serves Fleet, Control and Runtime APIs on one port
+        self.home.mkdir(parents=True, exist_ok=True)
+        connection = {"address": f"127.0.0.1:{self.port}"}
+        cmd = [str(self.bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation",
+               "--log-file", str(self.home / "superlink.log")]
+        if self.insecure:
+            cmd.append("--insecure")
+            connection["insecure"] = True
+        else:
+            make_certificates(self.certs, self.extra_hosts, self.num_supernodes)
+            cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                    "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+            connection["root-certificates"] = str(self.certs / "ca.crt")
+        (self.home / "config.toml").write_text(tomli_w.dumps(
+            {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
+        self.link = subprocess.Popen(cmd, env=self._cli_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            wait_for_port(self.port, self.link)
+            if not self.insecure:
+                for i in range(self.num_supernodes):
+                    self.node_ids[i] = self.register(self.certs / f"node-{i}.pub", f"node-{i}")
+            for i in range(self.num_supernodes):
+                self.start_node(i)
+            self.wait_online(self.num_supernodes)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def register(self, public_key: Path, name: str) -> int:
+        """``flwr supernode register``: only registered keys may join the federation."""
+        res = self._flwr("supernode", "register", str(public_key), CONNECTION, "--name", name,
+                         "--format", "json")
+        if res.returncode != 0:
+            raise RuntimeError(f"registering {public_key} failed:\n{res.stdout}{res.stderr}")
+        return int(json.loads(res.stdout)["node-id"])
+
+    def node_dir(self, i: int) -> Path:
+        return self.work / "nodes" / f"node-{i}"
+
+    def node_config(self, i: int) -> str:
+        state = self.node_dir(i) / "state"
+        if self.data_paths:
+            return f'data-path="{self.data_paths[i]}" state-dir="{state}"'
+        return f'partition-id={i} num-partitions={self.num_supernodes} state-dir="{state}"'
+
+    def node_command(self, i: int, private_key: Path | None = None) -> list[str]:
+        cmd = [str(self.bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+               "--port", str(free_port()), "--node-config", self.node_config(i)]
+        if self.insecure:
+            return cmd + ["--insecure"]
+        return cmd + ["--root-certificates", str(self.certs / "ca.crt"),
+                      "--auth-supernode-private-key",
+                      str(private_key or self.certs / f"node-{i}")]
+
+    def start_node(self, i: int, private_key: Path | None = None) -> subprocess.Popen:
+        """Start SuperNode i (again); its log is appended to nodes/node-i/supernode.log."""
+        home = self.node_dir(i)
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / "supernode.log", "ab") as log_file:
+            proc = subprocess.Popen(self.node_command(i, private_key),
+                                    env={**self.env, "FLWR_HOME": str(home)}, stdout=log_file,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.nodes[i] = proc
+        return proc
+
+    def kill_node(self, i: int) -> None:
+        kill_tree(self.nodes.pop(i))
+
+    def restart_node(self, i: int, timeout: float = 180) -> subprocess.Popen:
+        """Start a crashed SuperNode again, as its device would after a reboot.
+
+        A node killed without saying goodbye stays online at the SuperLink until its heartbeat
+        expires (at most 2 x 30 s), and activating it again is refused until then (the SuperNode
+        exits with Flower's code 305): wait for that first.
+        """
+        deadline = time.time() + timeout
+        while i in self.node_ids and self.node_statuses().get(self.node_ids[i]) == "online":
+            if time.time() > deadline:
+                raise TimeoutError(f"SuperNode {i} still online after {timeout}s")
+            time.sleep(1)
+        return self.start_node(i)
+
+    def node_statuses(self) -> dict[int, str]:
+        """Node id -> status at the SuperLink (registered, online, offline, ...)."""
+        res = self._flwr("supernode", "list", CONNECTION, "--format", "json")
+        if res.returncode != 0:
+            return {}
+        return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
+
+    def online_nodes(self) -> int:
+        return sum(status == "online" for status in self.node_statuses().values())
+
+    def wait_online(self, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for i, proc in self.nodes.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"SuperNode {i} exited with code {proc.returncode}; see "
+                                       f"{self.node_dir(i) / 'supernode.log'}")
+            if self.online_nodes() >= count:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{count} SuperNodes were not online after {timeout}s")
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, run_config: dict) -> subprocess.Popen:
+        """``flwr run . fedgen --stream`` in the background (its output goes to our stdout)."""
+        cmd = [str(self.bin_dir / "flwr"), "run", str(ROOT), CONNECTION, "--stream"]
+        if run_config:
+            path = self.home / "run-config.toml"
+            path.write_text(tomli_w.dumps(run_config))
+            cmd += ["--run-config", str(path)]
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.Popen(cmd, env=self._cli_env(), cwd=ROOT)
+
+    def last_run_status(self) -> str:
+        """Status of the latest run on this SuperLink, e.g. 'finished:completed'."""
+        res = self._flwr("ls", CONNECTION, "--format", "json")
+        runs = json.loads(res.stdout).get("runs", []) if res.returncode == 0 else []
+        return max(runs, key=lambda r: r.get("pending-at", ""))["status"] if runs else "unknown"
+
+    def run(self, run_config: dict, timeout: float | None = None) -> int:
+        """Run the app to the end; 0 only if the run finished as completed."""
+        proc = self.start_run(run_config)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                stop(proc)
+        status = self.last_run_status()
+        print(f"run status: {status}", flush=True)
+        return code or (0 if status == "finished:completed" else 1)
+
+    def __exit__(self, *exc) -> None:
+        for i in list(self.nodes):
+            stop(self.nodes.pop(i))
+        if self.link is not None:
+            stop(self.link)
+            self.link = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-supernodes", type=int, default=3)
+    parser.add_argument("--run-config", action="append", default=[],
+                        help="a conf/*.toml file or \"k=v\" pairs (repeatable, later ones win)")
+    parser.add_argument("--data-path", action="append", default=[],
+                        help="node i trains on its own folder of .txt files (give one per node) "
+                             "instead of partition i of the benchmark corpus")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".flwr" / "deploy")
+    parser.add_argument("--host", action="append", default=[],
+                        help="extra name/IP for the server certificate")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS and no node authentication (local experiments only)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds for the run")
+    args = parser.parse_args(argv)
+    if args.data_path and len(args.data_path) != args.num_supernodes:
+        parser.error("give one --data-path per SuperNode")
+    name = next((Path(i).stem for i in args.run_config if i.endswith(".toml")), "default")
+    run_config = merge_run_config(  # the run waits for every SuperNode (min-available-nodes)
+        [f"output-dir='{ROOT / 'outputs' / f'deploy-{name}'}' cache-dir='{ROOT / '.cache' / 'fedgen'}'",
+         f"min-available-nodes={args.num_supernodes}", *args.run_config])
+    # SIGTERM (e.g. a CI timeout) must still stop every process on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    t0 = time.time()
+    with LocalDeployment(args.work_dir, args.num_supernodes, args.insecure, args.data_path,
+                         args.host) as deployment:
+        print(f"SuperLink on 127.0.0.1:{deployment.port} and {args.num_supernodes} SuperNodes "
+              f"online ({'INSECURE' if args.insecure else 'TLS + node authentication'}) "
+              f"after {time.time() - t0:.1f}s", flush=True)
+        code = deployment.run(run_config, args.timeout)
+    print(f"results in {run_config['output-dir']}; wall {time.time() - t0:.1f}s", flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Real flower-superlink / flower-supernode processes on loopback, with TLS and node authentication
+(scripts/deploy_local.py), on the smoke config. Every process a test starts is stopped by PID,
+and the tests check that none is left."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from certs import make_node_key  # noqa: E402
+from deploy_local import LocalDeployment  # noqa: E402
+from simulate import merge_run_config, stop  # noqa: E402
+
+
+def _run_config(tmp_path: Path, *overrides: str) -> dict:
+    cache = Path(os.environ["FEDGEN_EDGE_HOME"]) / "cache"
+    # Every node trains and evaluates in every sampled round; no final personalization phase.
+    return merge_run_config(["conf/smoke.toml",
+                             f"output-dir='{tmp_path / 'out'}' cache-dir='{cache}'",
+                             "fraction-train=1.0 fraction-evaluate=1.0 personalize-clients=0",
+                             "min-available-nodes=3",  # rounds wait until all 3 are online
+                             *overrides])
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """PIDs still alive whose FLWR_HOME lies in ``folder`` (SuperLink, SuperNodes, apps...)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("FLWR_HOME", "").startswith(str(folder)):
+                pids.append(p.pid)
+        except (psutil.Error, OSError):
+            pass
+    return pids
+
+
+def _sha(folder: Path) -> str:
+    return hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_three_supernodes_with_tls_and_auth_run_two_rounds(tmp_path):
+    work = tmp_path / "deploy"
+    with LocalDeployment(work, num_supernodes=3) as dep:
+        # A SuperNode whose key was never registered is refused (Flower exit code 305).
+        make_node_key(tmp_path / "stranger")
+        stranger = dep.start_node(3, private_key=tmp_path / "stranger")
+        assert stranger.wait(timeout=180) != 0
+        dep.nodes.pop(3)
+        assert "Exit Code: 305" in (dep.node_dir(3) / "supernode.log").read_text()
+        assert dep.online_nodes() == 3
+
+        code = dep.run(_run_config(tmp_path, "evaluate-every=2"), timeout=900)
+    assert not _processes_under(work), "every process started is stopped"
+    assert code == 0
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["num_clients"] == 3
+    for r in results["rounds"][1:]:
+        assert r["num_updates"] == 3 and r["failures"] == 0 and r["rejected"] == 0
+    assert results["final"]["personalized_ppl"] > 0
+    # Each device keeps its personal adapter (peft format) in its own state folder.
+    for i in range(3):
+        adapters = list((dep.node_dir(i) / "state").glob("run-*/personal-adapter"))
+        assert len(adapters) == 1 and (adapters[0] / "adapter_config.json").exists()
+    assert not (tmp_path / "out" / "clients").exists(), "nothing personal is kept by the server"
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
+    from safetensors.torch import load_file
+
+    work = tmp_path / "deploy"
+    out = tmp_path / "out"
+    with LocalDeployment(work, num_supernodes=3) as dep:
+        # round 1: all train; round 2: node 2 is killed while training; once its heartbeat
+        # expires the SuperLink answers its message with an error, the round goes on without
+        # it, and the node is started again; the round-2 evaluation waits for all 3 nodes
+        # (min-available-nodes), so node 2 evaluates the adapter it kept on disk; round 3: it
+        # trains again.
+        run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 evaluate-every=2"))
+        try:
+            log = dep.node_dir(2) / "supernode.log"
+            _wait(lambda: log.read_text().count("Receiving: train message") >= 2, 600,
+                  "node 2 never received its round-2 training message")
+            dep.kill_node(2)
+            adapter = next((dep.node_dir(2) / "state").glob("run-*/personal-adapter"))
+            kept = _sha(adapter)
+            assert load_file(str(adapter / "adapter_model.safetensors")), "a complete adapter"
+            dep.restart_node(2)
+
+            def evaluated_round_2() -> bool:
+                path = out / "results.json"
+                return path.exists() and len(json.loads(path.read_text())["rounds"]) >= 3
+            _wait(evaluated_round_2, 600, "round 2 never finished")
+            after_restart = _sha(adapter)
+            assert run.wait(timeout=600) == 0
+            status = dep.last_run_status()
+        finally:
+            if run.poll() is None:
+                stop(run)
+    assert not _processes_under(work), "every process started is stopped"
+    assert status == "finished:completed"
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = {r["round"]: r for r in results["rounds"]}
+    assert rounds[1]["num_updates"] == 3
+    assert rounds[2]["num_updates"] == 2 and rounds[2]["failures"] == 1, \
+        "the killed node's update is missing, the round went on"
+    assert rounds[3]["num_updates"] == 3, "the restarted node takes part again"
+    assert after_restart == kept, "the personal adapter survived the kill and the restart"
+    assert _sha(adapter) != kept, "and is updated after the node trains again"
+    # At round 2 the restarted node (which had not trained since) evaluated its kept adapter.
+    rows = [row.split(",") for row in (out / "clients.csv").read_text().splitlines()[1:]]
+    assert sorted(int(r[1]) for r in rows if r[0] == "2" and r[3] != "") == [0, 1, 2]
