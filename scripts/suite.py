@@ -54,6 +54,13 @@ SIZES = {
                       "evaluate-every": 3, "max-steps": 2, "seq-len": 32,
                       "eval-max-batches": 4, "client-eval-max-batches": 2,
                       "personalize-clients": 5}),
+    # The aggregation comparison on SmolLM2 when the machine is shared: 6 clients, 3 per round,
+    # 2 rounds (the fewest that show flora's downlink growth), no ablations.
+    "compact": dict(clients=6, methods=AGGREGATION_METHODS[:5], ranks=[], epochs=[],
+                    steps_per_epoch=1, config={
+                        "num-server-rounds": 2, "fraction-train": 0.5, "fraction-evaluate": 0.5,
+                        "evaluate-every": 2, "max-steps": 2, "seq-len": 32, "eval-max-batches": 2,
+                        "client-eval-max-batches": 1, "personalize-clients": 3}),
     "paper": dict(clients=100, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=0, config={
                       "num-server-rounds": 100, "fraction-train": 0.1, "fraction-evaluate": 0.1,
