@@ -12,9 +12,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import is_full_model, strategy_entry
+from task.compression import compress_upload
 from task.config import RunConfig
 from task.data import client_blocks
-from task.model import set_adapter_state, set_full_state, shared_full_model, shared_lora_model
+from task.model import (personal_adapter_dir, set_adapter_state, set_full_state, shared_full_model,
+                        shared_lora_model)
 from task.train import evaluate_nll, train_local
 
 app = ClientApp()
@@ -40,6 +42,10 @@ def train(msg: Message, context: Context) -> Message:
                                                    "train-loss": loss,
                                                    "partition-id": partition_id})})
     if upload is not None:
+        if cfg.upload_compression != "none":  # the server decodes it (strategies/common.py)
+            upload = compress_upload(upload, received, cfg.upload_compression, seed=seed,
+                                     topk_fraction=cfg.upload_topk_fraction,
+                                     client_dir=personal_adapter_dir(cfg, partition_id).parent)
         content["arrays"] = ArrayRecord(upload)
     return Message(content, reply_to=msg)
 

@@ -18,6 +18,7 @@ BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DATASETS = ("shakespeare", "ptb")
 PARTITIONERS = ("lda-dirichlet", "iid", "role")
 TASKS = ("lm",)
+UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,9 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/default"
     cache_dir: str = ""
+    # Uplink compression (task/compression.py).
+    upload_compression: str = "none"
+    upload_topk_fraction: float = 0.1
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -130,6 +134,9 @@ class RunConfig:
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.output_dir), "output-dir", "must not be empty")
+        need(self.upload_compression in UPLOAD_CODECS, "upload-compression",
+             f"must be one of {UPLOAD_CODECS}")
+        need(0.0 < self.upload_topk_fraction <= 1.0, "upload-topk-fraction", "must be in (0, 1]")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
