@@ -1,0 +1,25 @@
+"""The runtime's cost removals keep results identical (timings are in bench/, never here)."""
+
+import torch
+
+from task import data
+
+
+def test_client_blocks_come_from_the_disk_cache_without_tokenizing(tiny_cfg, monkeypatch):
+    data.client_blocks.cache_clear()
+    path = data.client_blocks_path(tiny_cfg, 3, 20)
+    path.unlink(missing_ok=True)
+    train, test = data.client_blocks(tiny_cfg, 3, 20)
+    assert path.exists()
+    data.client_blocks.cache_clear()  # as a fresh process: only the disk cache is left
+
+    def no_tokenizing(*_):
+        raise AssertionError("the cached blocks must not be tokenized again")
+
+    monkeypatch.setattr(data, "client_split", no_tokenizing)
+    monkeypatch.setattr("task.model.load_tokenizer", no_tokenizing)
+    train2, test2 = data.client_blocks(tiny_cfg, 3, 20)
+    assert torch.equal(train, train2) and torch.equal(test, test2)
+    # another sequence length is another cache entry
+    assert data.client_blocks_path(tiny_cfg.__class__(**{**tiny_cfg.__dict__, "seq_len": 16}),
+                                   3, 20) != path
