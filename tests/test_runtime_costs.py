@@ -23,3 +23,22 @@ def test_client_blocks_come_from_the_disk_cache_without_tokenizing(tiny_cfg, mon
     # another sequence length is another cache entry
     assert data.client_blocks_path(tiny_cfg.__class__(**{**tiny_cfg.__dict__, "seq_len": 16}),
                                    3, 20) != path
+
+
+def test_full_state_views_are_frozen_once_serialized(tiny_cfg):
+    """fedavg-full uploads views of the live weights (no clone); the ArrayRecord the ClientApp
+    builds from them must hold the values of that moment."""
+    from flwr.app import ArrayRecord
+
+    from task.model import get_full_state, shared_full_model
+
+    model = shared_full_model(tiny_cfg)
+    views = get_full_state(model, copy=False)
+    expected = {k: v.clone() for k, v in views.items()}
+    record = ArrayRecord(views)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    got = record.to_torch_state_dict()
+    assert set(got) == set(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
