@@ -42,3 +42,18 @@ def test_full_state_views_are_frozen_once_serialized(tiny_cfg):
     got = record.to_torch_state_dict()
     assert set(got) == set(expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_recorder_writes_every_round_but_draws_the_plot_when_due(tmp_path):
+    import json
+
+    from task.results import RunRecorder
+
+    recorder = RunRecorder(tmp_path, {"strategy": "x"})
+    for rnd in range(3):
+        recorder.add_round({"round": rnd, "global_ppl": 10.0 - rnd, "upload_bytes": 5})
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 3
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4
+    assert not (tmp_path / "perplexity.png").exists()  # not yet due (30 s)
+    recorder.finish({"global_ppl": 8.0})
+    assert (tmp_path / "perplexity.png").stat().st_size > 0
