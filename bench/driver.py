@@ -13,9 +13,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import train as client_train_handler
-from strategies import build_strategy, strategy_entry
+from strategies import build_strategy, is_full_model, strategy_entry
 from strategies.common import model_bytes
 from task.config import RunConfig
+from task.model import initial_adapter_state, set_adapter_state, shared_lora_model
 
 
 def run_config_of(cfg: RunConfig) -> dict:
@@ -27,6 +28,10 @@ def federate(cfg: RunConfig, num_partitions: int, partitions_per_round: list[lis
     """Rounds of ``cfg.strategy`` over the given partitions; returns bytes, times and arrays."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     entry = strategy_entry(cfg)
+    if not is_full_model(cfg):
+        # a fresh server process starts from the seeded initial adapter; the shared model of
+        # this process still holds the last client's adapter of an earlier federation
+        set_adapter_state(shared_lora_model(cfg), initial_adapter_state(cfg))
     arrays = ArrayRecord(entry.module.server_initial_state(cfg))
     strategy = build_strategy(cfg, arrays)
     run_config = run_config_of(cfg)
