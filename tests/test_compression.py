@@ -63,6 +63,7 @@ def test_int8_row_is_tighter_than_per_tensor_on_uneven_rows():
 def test_stochastic_rounding_is_unbiased_on_average():
     reference, update = _states()
     key = next(iter(SHAPES))
+    reference, update = {key: reference[key]}, {key: update[key]}  # one tensor: fast
     mean = torch.stack([_roundtrip("int8", update, reference, seed=s)[0][key]
                         for s in range(400)]).mean(0)
     step = (update[key] - reference[key]).abs().max() / 127
