@@ -12,10 +12,12 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from strategies import is_full_model, strategy_entry
+from task.compression import compress_upload
 from task.config import RunConfig
 from task.lora_ops import client_rank
 from task.model import (
     node_state_dir,
+    personal_adapter_dir,
     set_adapter_state,
     set_full_state,
     shared_full_model,
@@ -44,6 +46,12 @@ def train(msg: Message, context: Context) -> Message:
     with node_state_dir(node.run_state_path(context.run_id)):  # the personal adapter's home
         upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
                                                                train_blocks, seed, config)
+        if upload is not None and cfg.upload_compression != "none":
+            # the server decodes it (strategies/common.py); top-k's residual stays beside the
+            # personal adapter
+            upload = compress_upload(upload, received, cfg.upload_compression, seed=seed,
+                                     topk_fraction=cfg.upload_topk_fraction,
+                                     client_dir=personal_adapter_dir(cfg, partition_id).parent)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(train_blocks),
                                                    "train-loss": loss,
                                                    "partition-id": partition_id})})

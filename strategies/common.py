@@ -9,7 +9,9 @@ import random
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from task.compression import decode_update, is_encoded
 
 log = logging.getLogger("flwr.fedgen_edge")  # shown by Flower's log handlers
 
@@ -176,6 +178,7 @@ class FedGenStrategy:
         self.round_stats: dict[int, dict] = {}
         self.client_evals: dict[int, list[dict]] = {}
         self.node_order: list[int] = []  # node ids by partition id (set by the ServerApp)
+        self.sent_arrays: ArrayRecord | None = None  # this round's training payload (decoding)
 
     def _ordered_nodes(self, grid) -> list[int]:
         """Connected nodes, in partition order where known, then by node id."""
@@ -200,6 +203,7 @@ class FedGenStrategy:
         # Every sampled node receives this same payload.
         if train:
             self._stats(server_round)["download_bytes"] += model_bytes(record) * len(nodes)
+            self.sent_arrays = record.array_records.get(ARRAYS_KEY)
         else:
             self._stats(server_round)["eval_download_bytes"] += wire_bytes(record) * len(nodes)
         log.info("round %d %s: %d nodes sampled", server_round, "train" if train else "evaluate",
@@ -221,6 +225,8 @@ class FedGenStrategy:
         replies = list(replies)
         stats = self._stats(server_round)
         stats["upload_bytes"] += sum(model_bytes(m.content) for m in replies if not m.has_error())
+        for msg in replies:
+            self._decode_upload(msg)
         valid, stats["failures"], stats["rejected"] = split_replies(replies, self.spec,
                                                                     "aggregate_train")
         stats["num_updates"] = len(valid)
@@ -235,6 +241,26 @@ class FedGenStrategy:
             return None, metrics
         arrays, _ = super().aggregate_train(server_round, [m for m, _, _ in valid])
         return arrays, metrics
+
+    def _decode_upload(self, msg: Message) -> None:
+        """Replace a compressed update (upload-compression) by the tensors it encodes, in place.
+        One that does not decode is left as it is: validation then rejects it, naming the node."""
+        if msg.has_error() or self.spec is None or ARRAYS_KEY not in msg.content.array_records:
+            return
+        arrays = msg.content.array_records[ARRAYS_KEY]
+        if not is_encoded(arrays.keys()):
+            return
+        sent = self.sent_arrays or {}
+        reference = {k: sent[k].numpy() for k in sent.keys()}
+        try:
+            decoded = decode_update({k: v.numpy() for k, v in arrays.items()},
+                                    [(k, s) for k, (s, _) in sorted(self.spec.items())], reference)
+        except (ValueError, RuntimeError) as err:
+            log.warning("aggregate_train: undecodable update from node %s: %s",
+                        msg.metadata.src_node_id, err)
+            return
+        msg.content[ARRAYS_KEY] = ArrayRecord(
+            {k: Array(decoded[k].numpy().astype(self.spec[k][1])) for k in self.spec})
 
     def aggregate_evaluate(self, server_round, replies):
         replies = list(replies)

@@ -27,7 +27,7 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     model = shared_full_model(cfg)
     set_full_state(model, received)
     loss = train_local(model, blocks, **local_training_kwargs(cfg, seed, full_model=True))
-    return get_full_state(model), loss
+    return get_full_state(model, copy=False), loss  # the ClientApp serializes it at once
 
 
 def client_eval_states(cfg, received: State, partition_id: int):

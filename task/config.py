@@ -20,6 +20,7 @@ PARTITIONERS = ("lda-dirichlet", "iid", "role")
 TASKS = ("lm",)
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16")
+UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,9 @@ class RunConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     min_available_nodes: int = 1
+    # Uplink compression (task/compression.py).
+    upload_compression: str = "none"
+    upload_topk_fraction: float = 0.1
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -148,6 +152,9 @@ class RunConfig:
         need(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         need(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}")
         need(self.min_available_nodes >= 1, "min-available-nodes", "must be >= 1")
+        need(self.upload_compression in UPLOAD_CODECS, "upload-compression",
+             f"must be one of {UPLOAD_CODECS}")
+        need(0.0 < self.upload_topk_fraction <= 1.0, "upload-topk-fraction", "must be in (0, 1]")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.

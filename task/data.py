@@ -277,17 +277,41 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
 
 
+def client_blocks_path(cfg: RunConfig, partition_id: int, num_partitions: int) -> Path:
+    """Disk cache of one client's token blocks: everything they depend on is in the key."""
+    parts = [_corpus_key(cfg), cfg.dirichlet_alpha, cfg.test_fraction, cfg.seq_len, cfg.backbone,
+             num_partitions]
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
+    return cfg.cache_path / "blocks" / key / f"client-{partition_id:05d}.safetensors"
+
+
 @lru_cache(maxsize=1024)
 def client_blocks(cfg: RunConfig, partition_id: int,
                   num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train blocks, local-test blocks) of one client, tokenized once per process."""
+    """(train blocks, local-test blocks) of one client, tokenized once and cached on disk.
+
+    Why on disk: partitioning the corpus (flwr-datasets and its imports) and loading the
+    tokenizer cost seconds to tens of seconds in every new process, and a deployment SuperNode
+    starts one per message; reading the cached blocks takes milliseconds.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = client_blocks_path(cfg, partition_id, num_partitions)
+    if path.exists():
+        cached = load_file(str(path))
+        return cached["train"], cached["test"]
     from task.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
     corpus = load_corpus(cfg)
     train, test = client_split(cfg, partition_id, num_partitions)
-    return (token_blocks(tokenizer, [corpus.docs[i] for i in train], cfg.seq_len),
-            token_blocks(tokenizer, [corpus.docs[i] for i in test], cfg.seq_len))
+    blocks = (token_blocks(tokenizer, [corpus.docs[i] for i in train], cfg.seq_len),
+              token_blocks(tokenizer, [corpus.docs[i] for i in test], cfg.seq_len))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({"train": blocks[0], "test": blocks[1]}, str(tmp))
+    tmp.replace(path)  # atomic: concurrent writers write identical content
+    return blocks
 
 
 @lru_cache(maxsize=4)

@@ -252,9 +252,11 @@ def adapter_parameters(model: PeftModel, adapter_name: str = "default") -> dict[
             if "lora_" in name and tag in name}
 
 
-def get_full_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Every (untied) weight of a fully fine-tuned model."""
-    return {k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters()}
+def get_full_state(model: PreTrainedModel, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Every (untied) weight of a fully fine-tuned model, on the CPU; ``copy=False`` gives views
+    of the live (CPU) weights, for a caller that serializes them at once (a clone is a whole
+    extra model copy)."""
+    return {k: p.detach().to("cpu", copy=copy) for k, p in model.named_parameters()}
 
 
 def set_full_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:

@@ -10,8 +10,9 @@ engine sets ``partition-id`` and ``num-partitions`` itself). Keys:
 - ``state-dir``: where the node keeps its state (default ``$FEDGEN_EDGE_HOME/node`` for a
   ``data-path`` node; without it a partition node keeps the simulation layout under
   ``output-dir``): ``run-<run id>/personal-adapter/`` (peft format, rewritten after each round
-  the node trains in, read back by evaluate and the inference command) and ``blocks/`` (the
-  tokenized data, so a fresh ClientApp process does not tokenize again).
+  the node trains in, read back by evaluate and the inference command) and, for a
+  ``data-path`` node, ``blocks/`` (the tokenized files, so a fresh ClientApp process does not
+  tokenize again; partitions are cached by task.data.client_blocks).
 - ``cache-dir``: the device's own backbone / tokenizer / corpus cache, overriding the run
   config's ``cache-dir`` (a path on the server's machine means nothing on a device).
 - ``lora-rank`` or ``memory-mb``: the device profile heterogeneous-rank strategies (hetlora,
@@ -90,21 +91,16 @@ class NodeConfig:
 
 
 def node_blocks(cfg: RunConfig, node: NodeConfig):
-    """(train blocks, local-test blocks) of this node: its partition or its own files, cached
-    in its state folder when it has one."""
-    from task.data import _corpus_key, cached_blocks, client_blocks, local_text_blocks
+    """(train blocks, local-test blocks) of this node: its partition (cached on disk by
+    task.data.client_blocks) or its own files (cached in its state folder)."""
+    from task.data import cached_blocks, client_blocks, local_text_blocks
 
-    if node.data_path:
-        root = Path(node.data_path).expanduser()
-        files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-                 for f in sorted(root.rglob("*.txt"))]
-        key = ["text", str(root), files, cfg.backbone, cfg.chunk_words, cfg.seed,
-               cfg.test_fraction, cfg.seq_len]
-        build = lambda: local_text_blocks(cfg, node.data_path)  # noqa: E731
-    else:
-        key = ["partition", _corpus_key(cfg), cfg.dirichlet_alpha, cfg.test_fraction,
-               cfg.backbone, cfg.seq_len, node.partition_id, node.num_partitions]
-        build = lambda: client_blocks(cfg, node.partition_id, node.num_partitions)  # noqa: E731
-    if node.state_path is None:
-        return build()
+    if not node.data_path:
+        return client_blocks(cfg, node.partition_id, node.num_partitions)
+    root = Path(node.data_path).expanduser()
+    files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(root.rglob("*.txt"))]
+    key = ["text", str(root), files, cfg.backbone, cfg.chunk_words, cfg.seed,
+           cfg.test_fraction, cfg.seq_len]
+    build = lambda: local_text_blocks(cfg, node.data_path)  # noqa: E731
     return cached_blocks(node.state_path / "blocks", key, build)

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ CLIENT_FIELDS = ["round", "partition_id", "global_ppl", "personal_ppl", "tokens"
 class RunRecorder:
     """Owns an output folder; every call leaves it consistent on disk."""
 
+    # Drawing the PNG costs about 0.5 s (more than a whole tiny-model round), so while rounds
+    # run it is redrawn at most this often; results.json and the CSVs are written every round,
+    # and finish() always draws the final plot.
+    plot_every_s = 30.0
+
     def __init__(self, out_dir: Path, header: dict[str, Any]) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -26,6 +32,7 @@ class RunRecorder:
             with open(out_dir / name, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
         self._write_json()
+        self._plotted_at = time.monotonic()
 
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]] = ()) -> None:
         self.results["rounds"].append(row)
@@ -36,7 +43,8 @@ class RunRecorder:
             for c in client_rows:
                 writer.writerow([row["round"]] + [c.get(k, "") for k in CLIENT_FIELDS[1:]])
         self._write_json()
-        self.plot()
+        if time.monotonic() - self._plotted_at >= self.plot_every_s:
+            self.plot()
 
     def add_personalization(self, client_rows: list[dict[str, Any]]) -> None:
         """Per-client rows of the final personalization protocol (round "final" in clients.csv)."""
@@ -88,6 +96,7 @@ class RunRecorder:
         ax2.set(xlabel="round", ylabel="cumulative upload (MiB)", title="uplink")
         fig.tight_layout()
         fig.savefig(self.out_dir / "perplexity.png", dpi=100)
+        self._plotted_at = time.monotonic()
         plt.close(fig)
 
 

@@ -1,0 +1,161 @@
+"""FedGen-Edge benchmark: communication, shared backbone, local step, throughput, in one run.
+
+    .venv/bin/python -m bench --quick [--lock /tmp/fedgen-heavy.lock] [--only comm,step]
+
+Writes ``bench/results/bench-<size>.json`` (every raw figure) and ``bench-<size>.md`` (the
+tables). Each measurement runs in a fresh Python process (``bench.worker``), so its peak memory
+is its own; simulation runs are real ``flwr run``s on a SuperLink of their own. ``--lock`` takes
+an exclusive file lock around each heavy measurement (one at a time on a shared machine; each
+stays well under 10 minutes). ``--quick`` takes about 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.report import markdown
+from bench.worker import MARK
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("peak", "comm", "step", "backbone", "codecs", "costs", "sim")
+
+SIZES = {  # "tiny": every measurement on tiny-gpt2, a minute or two: checks the harness itself
+    "tiny": dict(backbone="tiny-gpt2", step_steps=2, calls=2, codec_clients=2, codec_rounds=2,
+                 codec_steps=1, tiny_rounds=3, tiny_clients=4, smol_rounds=3, smol_clients=2),
+    "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=3, codec_rounds=2, codec_steps=2,
+                  tiny_rounds=4, tiny_clients=10, smol_rounds=3, smol_clients=4),
+    "full": dict(backbone="smollm2-135m", step_steps=8, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
+                 tiny_rounds=6, tiny_clients=10, smol_rounds=4, smol_clients=10),
+}
+
+
+@contextlib.contextmanager
+def heavy(lock: str | None):
+    """Hold the shared machine's heavy-run lock (if given) for one measurement."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_worker(job: str, lock: str | None, timeout: float = 600, **kwargs) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    t = time.time()
+    with heavy(lock):
+        proc = subprocess.run([sys.executable, "-m", "bench.worker", job, json.dumps(kwargs)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(MARK)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"bench job {job} {kwargs} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len(MARK):])
+    result["load_avg_after"] = os.getloadavg()[0]  # 1-minute load: how busy the machine was
+    print(f"  {job} {kwargs.get('backbone', '')} {kwargs.get('mode', kwargs.get('runtime', ''))}"
+          f" done in {time.time() - t:.0f}s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_const", dest="size", const="quick")
+    size.add_argument("--full", action="store_const", dest="size", const="full")
+    size.add_argument("--tiny", action="store_const", dest="size", const="tiny")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    parser.add_argument("--lock", default=None, help="file lock held around each heavy measurement")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args(argv)
+    args.size = args.size or "quick"
+    p = SIZES[args.size]
+    only = set(args.only.split(","))
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fedgen-bench-"))
+    results: dict = {"size": args.size, "params": p, "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(),
+        "load_avg_at_start": os.getloadavg()}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    t0 = time.time()
+    w = str(work)
+
+    def save() -> None:
+        results["wall_s"] = time.time() - t0
+        (out_dir / f"bench-{args.size}.json").write_text(json.dumps(results, indent=2))
+        (out_dir / f"bench-{args.size}.md").write_text(markdown(results))
+
+    if "peak" in only:
+        print("matmul peak", flush=True)
+        results["matmul_peak"] = run_worker("matmul_peak", args.lock)
+    if "comm" in only:
+        print("communication bytes", flush=True)
+        results["comm"] = [run_worker("comm_bytes", args.lock, backbone=b, work_dir=w)
+                           for b in (p["backbone"], "distilgpt2-shape")]
+        save()
+    if "step" in only:
+        print("local step: LoRA vs full fine-tuning", flush=True)
+        results["step"] = [run_worker("local_step", args.lock, backbone=b, mode=m,
+                                      steps=p["step_steps"], work_dir=w)
+                           for b, m in ((p["backbone"], "lora"), (p["backbone"], "full"),
+                                        ("tiny-gpt2", "lora"))[:3 if p["backbone"] != "tiny-gpt2" else 2]]
+        save()
+    if "backbone" in only:
+        print("shared backbone vs reload per call", flush=True)
+        results["backbone"] = [run_worker("client_calls", args.lock, backbone=p["backbone"],
+                                          runtime=r, calls=p["calls"], work_dir=w)
+                               for r in ("shared", "naive")]
+        save()
+    if "codecs" in only:
+        print("upload codecs vs perplexity", flush=True)
+        results["codecs"] = run_worker(
+            "compression_quality", args.lock, backbone=p["backbone"],
+            codecs=["none", "bf16", "int8", "int8-row", "topk"], clients=p["codec_clients"],
+            rounds=p["codec_rounds"], max_steps=p["codec_steps"], work_dir=w)
+        save()
+    if "costs" in only:
+        print("runtime costs removed: before / after", flush=True)
+        setup = {}
+        for cold in (True, False):  # cold first: it writes the cache the warm run reads
+            setup["cold" if cold else "warm"] = run_worker(
+                "client_setup", args.lock, backbone=p["backbone"], partition_id=99, cold=cold,
+                work_dir=w)
+        results["costs"] = {"setup": setup,
+                            "full_reply": run_worker("full_reply", args.lock, repeats=3, work_dir=w),
+                            "recorder": {str(pe): run_worker("recorder_rounds", args.lock, rounds=10,
+                                                             plot_every_s=pe, work_dir=w)
+                                         for pe in (0.0, 30.0)}}
+        save()
+    if "sim" in only:
+        from bench.sim import simulate
+
+        print("simulation engine", flush=True)
+        runs = []
+        for backbone, nodes, per_round, rounds in (
+                ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"]),
+                (p["backbone"], 100, p["smol_clients"], p["smol_rounds"]),
+                (p["backbone"], 10, p["smol_clients"], p["smol_rounds"])):
+            with heavy(args.lock):
+                runs.append(simulate(backbone, nodes, per_round, rounds, work))
+            print(f"  {backbone} x{nodes}: {runs[-1]['updates_per_min']:.1f} updates/min, "
+                  f"peak {runs[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+        results["sim"] = runs
+    save()
+    print(markdown(results))
+    print(f"written {out_dir}/bench-{args.size}.json and .md ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
