@@ -8,13 +8,22 @@ module's business (strategies/).
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from strategies import is_full_model, strategy_entry
 from task.config import RunConfig
 from task.data import client_blocks
-from task.model import set_adapter_state, set_full_state, shared_full_model, shared_lora_model
+from task.model import (
+    load_tokenizer,
+    set_adapter_state,
+    set_full_state,
+    shared_full_model,
+    shared_lora_model,
+)
+from task.threats import attacked_upload, backdoor_blocks, fails_this_round, malicious_partitions
 from task.train import evaluate_nll, train_local
 
 app = ClientApp()
@@ -29,13 +38,30 @@ def _setup(msg: Message, context: Context):
     return cfg, partition_id, received, client_blocks(cfg, partition_id, num_partitions)
 
 
-@app.train()
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Differential privacy: when the server sends a clipping norm (dp-noise-multiplier > 0),
+    Flower's fixedclipping_mod clips this client's adapter change to it before upload."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, partition_id, received, (train_blocks, _) = _setup(msg, context)
     config = msg.content["config"]
-    seed = cfg.seed * 100_003 + int(config["server-round"]) * 1009 + partition_id
+    server_round = int(config["server-round"])
+    if fails_this_round(cfg, server_round, partition_id):  # simulated crash (client-failure-rate)
+        raise RuntimeError(f"simulated failure of client {partition_id} in round {server_round}")
+    seed = cfg.seed * 100_003 + server_round * 1009 + partition_id
+    malicious = partition_id in malicious_partitions(cfg, int(context.node_config["num-partitions"]))
+    if malicious and cfg.attack == "backdoor":
+        train_blocks = backdoor_blocks(cfg, train_blocks, load_tokenizer(cfg), seed)
     upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
                                                            train_blocks, seed, config)
+    if malicious and upload is not None:  # simulated poisoning (attack, attack-fraction)
+        upload = attacked_upload(cfg, received, upload)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(train_blocks),
                                                    "train-loss": loss,
                                                    "partition-id": partition_id})})

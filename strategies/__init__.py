@@ -29,7 +29,7 @@ from strategies import (
     fedprox,
     local_only,
 )
-from strategies.common import array_spec
+from strategies.common import Robustness, array_spec
 from task.config import ConfigError, RunConfig
 
 
@@ -69,8 +69,10 @@ def is_full_model(cfg: RunConfig) -> bool:
 
 def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
     entry = strategy_entry(cfg)
-    return entry.server(
+    strategy = entry.server(
         spec=array_spec(initial_arrays) if len(initial_arrays) else None, seed=cfg.seed,
         num_rounds=cfg.num_server_rounds, fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate, evaluate_every=cfg.evaluate_every,
         **entry.flower_kwargs(cfg))
+    strategy.robustness = Robustness.from_config(cfg)  # issue 6: defences, retries, DP
+    return strategy

@@ -18,6 +18,8 @@ BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DATASETS = ("shakespeare", "ptb")
 PARTITIONERS = ("lda-dirichlet", "iid", "role")
 TASKS = ("lm",)
+AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean")
+ATTACKS = ("none", "scaled", "sign-flip", "backdoor")
 
 
 class ConfigError(ValueError):
@@ -71,6 +73,24 @@ class RunConfig:
     seed: int = 42
     output_dir: str = "outputs/default"
     cache_dir: str = ""
+    # Robustness and privacy (issue 6): see strategies/robust.py, task/attacks.py, task/privacy.py.
+    max_update_norm: float = 0.0
+    aggregation: str = "mean"
+    norm_bound: float = 1.0
+    trim_fraction: float = 0.2
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0
+    backdoor_trigger: str = " thou art cursed"
+    backdoor_target: str = " banana"
+    client_failure_rate: float = 0.0
+    min_replies: int = 1
+    on_too_few_replies: str = "skip"
+    max_retries: int = 2
+    resume: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -130,6 +150,30 @@ class RunConfig:
         need(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
         need(self.round_timeout > 0, "round-timeout", "must be > 0")
         need(bool(self.output_dir), "output-dir", "must not be empty")
+        self._validate_robustness(need)
+
+    def _validate_robustness(self, need) -> None:
+        """Issue 6 keys: defences, attacks, failures, DP."""
+        need(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        need(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
+        need(self.on_too_few_replies in ("skip", "retry"), "on-too-few-replies",
+             "must be 'skip' or 'retry'")
+        for key in ("max-update-norm", "dp-noise-multiplier", "attack-scale"):
+            need(getattr(self, key.replace("-", "_")) >= 0, key, "must be >= 0")
+        for key in ("norm-bound", "dp-clipping-norm"):
+            need(getattr(self, key.replace("-", "_")) > 0, key, "must be > 0")
+        need(0.0 <= self.trim_fraction < 0.5, "trim-fraction", "must be in [0, 0.5)")
+        for key in ("attack-fraction", "client-failure-rate"):
+            need(0.0 <= getattr(self, key.replace("-", "_")) <= 1.0, key, "must be in [0, 1]")
+        need(self.min_replies >= 1, "min-replies", "must be >= 1")
+        need(self.max_retries >= 0, "max-retries", "must be >= 0")
+        need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
+        need(self.attack != "backdoor" or bool(self.backdoor_trigger.strip()
+                                                and self.backdoor_target.strip()),
+             "backdoor-trigger", "backdoor-trigger and backdoor-target must not be empty")
+        need(self.dp_noise_multiplier == 0 or self.aggregation == "mean", "aggregation",
+             "differential privacy (dp-noise-multiplier > 0) needs aggregation 'mean' "
+             "(the noise is calibrated to the mean of clipped updates)")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
@@ -165,6 +209,10 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"run-config key '{key}' = {value!r}: must be finite")
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config key '{key}' = {value!r}: must be true or false")
         return value
     if type_name == "str":
         if not isinstance(value, str):
