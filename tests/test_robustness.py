@@ -277,12 +277,34 @@ def test_dp_rejects_updates_that_were_not_clipped(caplog):
 
 def test_accountant_epsilon_grows_with_rounds_and_falls_with_noise():
     def eps(z, rounds, q=0.1):
-        acc = PrivacyAccountant(z, q, 1e-5)
-        for _ in range(rounds):
-            acc.step()
-        return acc.epsilon
+        return PrivacyAccountant(z, q, 1e-5).step(rounds)
 
     assert eps(1.0, 1) < eps(1.0, 6) < eps(1.0, 30)
     assert eps(2.0, 6) < eps(1.0, 6) < eps(0.7, 6)
     assert eps(1.0, 6, q=0.05) < eps(1.0, 6, q=0.1)
     assert PrivacyAccountant(1.0, 0.1, 1e-5).epsilon == 0.0
+
+
+# ---------------------------------------------------------------- run config
+@pytest.mark.parametrize("key,value,needle", [
+    ("aggregation", "krum", "'aggregation'"),
+    ("attack", "flood", "'attack'"),
+    ("resume", "yes", "'resume'"),
+    ("trim-fraction", 0.5, "'trim-fraction'"),
+    ("client-failure-rate", 1.5, "'client-failure-rate'"),
+    ("on-too-few-replies", "wait", "'on-too-few-replies'"),
+    ("min-replies", 0, "'min-replies'"),
+])
+def test_bad_robustness_keys_are_named(key, value, needle):
+    from task.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_run_config({key: value})
+
+
+def test_dp_needs_the_plain_mean():
+    from task.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="'aggregation'"):
+        RunConfig.from_run_config({"dp-noise-multiplier": 1.0, "aggregation": "median"})
+    assert RunConfig.from_run_config({"resume": True, "dp-noise-multiplier": 1.0}).resume is True
