@@ -124,8 +124,8 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.dp_noise_multiplier:
             strategy.privacy = PrivacyAccountant(cfg.dp_noise_multiplier,
                                                  clients_per_round / num_clients, cfg.dp_delta)
-            for _ in range(released_rounds(recorder)):  # privacy already spent before a resume
-                strategy.privacy.step()
+            if released_rounds(recorder):  # privacy already spent before a resume
+                strategy.privacy.step(released_rounds(recorder))
         strategy.round_offset = start_round
         result = strategy.start(
             grid=grid, initial_arrays=initial_arrays,

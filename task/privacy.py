@@ -30,9 +30,10 @@ class PrivacyAccountant:
     def releases(self) -> int:
         return sum(steps for _, _, steps in self._rdp.history)
 
-    def step(self) -> float:
-        """Account one released round; the total epsilon after it."""
-        self._rdp.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+    def step(self, rounds: int = 1) -> float:
+        """Account ``rounds`` released rounds; the total epsilon after them."""
+        for _ in range(rounds):
+            self._rdp.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return self.epsilon
 
     @property

@@ -1,6 +1,6 @@
 """End to end under `flwr run`: 30% of the sampled clients fail every round and the run goes on
-(retrying for enough replies); a run killed mid-way and resumed ends with the same global adapter
-as the uninterrupted one."""
+(retrying for enough replies), with DP clipping and noise and its epsilon per round; a run killed
+mid-way and resumed ends with the same global adapter (and epsilon) as the uninterrupted one."""
 
 import json
 import os
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ("num-server-rounds=3 checkpoint-every=1 evaluate-every=3 personalize-clients=0 "
           "max-steps=2 batch-size=4 "
           "fraction-train=0.5 client-failure-rate=0.3 min-replies=4 on-too-few-replies='retry' "
-          "max-retries=2")
+          "max-retries=2 dp-noise-multiplier=0.5 dp-clipping-norm=1.0")
 
 
 def _command(tmp_path: Path, name: str, extra: str = "") -> list[str]:
@@ -46,6 +46,9 @@ def test_failing_clients_and_kill_then_resume_end_at_the_same_adapter(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert sum(r["failures"] for r in rounds) > 0, "30% failing clients must show up"
     assert full["final"]["failures_total"] == sum(r["failures"] for r in rounds)
+    epsilons = [r["dp_epsilon"] for r in rounds]
+    assert 0 < epsilons[0] < epsilons[1] < epsilons[2] == full["final"]["dp_epsilon"]
+    assert all(r["rejected"] == 0 for r in rounds), "clients clipped (the server checks)"
     for r in rounds:  # every round got its 4 replies, retrying when failures left it short
         assert r["num_updates"] >= 4 or r["skipped"] == 1
         assert r["retries"] > 0 or r["num_updates"] + r["failures"] == 5
@@ -80,3 +83,4 @@ def test_failing_clients_and_kill_then_resume_end_at_the_same_adapter(tmp_path):
     for x, y in zip(full["rounds"], resumed["rounds"]):
         assert x["global_ppl"] == pytest.approx(y["global_ppl"], rel=1e-9)
         assert x["failures"] == y["failures"] and x["num_updates"] == y["num_updates"]
+        assert x["dp_epsilon"] == pytest.approx(y["dp_epsilon"]) if x["round"] else True
