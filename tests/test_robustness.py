@@ -308,3 +308,40 @@ def test_dp_needs_the_plain_mean():
     with pytest.raises(ConfigError, match="'aggregation'"):
         RunConfig.from_run_config({"dp-noise-multiplier": 1.0, "aggregation": "median"})
     assert RunConfig.from_run_config({"resume": True, "dp-noise-multiplier": 1.0}).resume is True
+
+
+# ---------------------------------------------------------------- resume bookkeeping
+def test_resume_restores_rounds_and_client_rows_up_to_the_checkpoint(tmp_path):
+    import csv
+    import dataclasses
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from task.config import RunConfig
+    from task.results import RunRecorder, released_rounds, restore_rounds, resume_point
+
+    out = tmp_path / "out"
+    first = RunRecorder(out, {"strategy": "fedavg-lora"})
+    for r in range(4):  # the killed run got to round 3, but only round 2 was checkpointed
+        first.add_round({"round": r, "global_ppl": 100.0 - r, "dp_epsilon": r or None},
+                        [{"partition_id": 7, "global_ppl": 50.0 + r, "tokens": 10}])
+    (out / "checkpoints" / "round-0002").mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(out / "checkpoints" / "round-0002" / "adapter_model.safetensors"))
+    (out / "state.json").write_text(json.dumps({"round": 2, "checkpoint": "checkpoints/round-0002"}))
+
+    cfg = RunConfig(output_dir=str(out))
+    assert resume_point(cfg, out) is None  # resume is off
+    start, tensors = resume_point(dataclasses.replace(cfg, resume=True), out)
+    assert start == 2 and torch.equal(tensors["w"], torch.ones(2))
+
+    again = RunRecorder(out, {"strategy": "fedavg-lora"})
+    restore_rounds(again, out, start)
+    assert [r["round"] for r in again.results["rounds"]] == [0, 1, 2]
+    assert released_rounds(again) == 2
+    on_disk = json.loads((out / "results.json").read_text())
+    assert [r["global_ppl"] for r in on_disk["rounds"]] == [100.0, 99.0, 98.0]
+    with open(out / "clients.csv", newline="") as f:
+        assert [row["round"] for row in csv.DictReader(f)] == ["0", "1", "2"]
+    assert resume_point(dataclasses.replace(cfg, resume=True), tmp_path / "empty") is None
