@@ -8,14 +8,17 @@ module's business (strategies/).
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from strategies import is_full_model, strategy_entry
 from task.compression import compress_upload
 from task.config import RunConfig
 from task.lora_ops import client_rank
 from task.model import (
+    load_tokenizer,
     node_state_dir,
     personal_adapter_dir,
     set_adapter_state,
@@ -24,6 +27,7 @@ from task.model import (
     shared_lora_model,
 )
 from task.node import NodeConfig, node_blocks
+from task.threats import attacked_upload, backdoor_blocks, fails_this_round, malicious_partitions
 from task.train import evaluate_nll, train_local
 
 app = ClientApp()
@@ -37,15 +41,32 @@ def _setup(msg: Message, context: Context):
     return cfg, node, received, node_blocks(cfg, node)
 
 
-@app.train()
+def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
+    """Differential privacy: when the server sends a clipping norm (dp-noise-multiplier > 0),
+    Flower's fixedclipping_mod clips this client's adapter change to it before upload."""
+    config = msg.content.config_records.get("config")
+    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, node, received, (train_blocks, _) = _setup(msg, context)
     partition_id = node.partition_id
     config = msg.content["config"]
-    seed = cfg.seed * 100_003 + int(config["server-round"]) * 1009 + partition_id
+    server_round = int(config["server-round"])
+    if fails_this_round(cfg, server_round, partition_id):  # simulated crash (client-failure-rate)
+        raise RuntimeError(f"simulated failure of client {partition_id} in round {server_round}")
+    seed = cfg.seed * 100_003 + server_round * 1009 + partition_id
+    malicious = partition_id in malicious_partitions(cfg, node.num_partitions)
+    if malicious and cfg.attack == "backdoor":
+        train_blocks = backdoor_blocks(cfg, train_blocks, load_tokenizer(cfg), seed)
     with node_state_dir(node.run_state_path(context.run_id)):  # the personal adapter's home
         upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
                                                                train_blocks, seed, config)
+        if malicious and upload is not None:  # simulated poisoning (attack, attack-fraction)
+            upload = attacked_upload(cfg, received, upload)
         if upload is not None and cfg.upload_compression != "none":
             # the server decodes it (strategies/common.py); top-k's residual stays beside the
             # personal adapter

@@ -14,9 +14,10 @@ from flwr.serverapp import Grid, ServerApp
 from strategies import build_strategy, is_full_model, strategy_entry
 from strategies.centralized import train_centralized
 from strategies.common import log, sample_node_ids, split_replies, summarize_client_evals
-from task.config import RunConfig
+from task.config import ConfigError, RunConfig
 from task.data import client_blocks, global_test_blocks, load_corpus
 from task.model import (
+    load_tokenizer,
     parameter_counts,
     save_adapter,
     set_adapter_state,
@@ -24,7 +25,9 @@ from task.model import (
     shared_full_model,
     shared_lora_model,
 )
-from task.results import RunRecorder
+from task.privacy import PrivacyAccountant
+from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
+from task.threats import backdoor_success
 from task.train import evaluate_nll
 
 app = ServerApp()
@@ -35,7 +38,9 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
     entry = strategy_entry(cfg)
     out = cfg.output_path
-    shutil.rmtree(out / "clients", ignore_errors=True)  # personal models of an earlier run
+    resumed = resume_point(cfg, out)  # (last checkpointed round, its state) with resume = true
+    if resumed is None:
+        shutil.rmtree(out / "clients", ignore_errors=True)  # personal models of an earlier run
     log.info("FedGen-Edge: %s on %s/%s, strategy %s, output %s", cfg.backbone, cfg.dataset,
              cfg.partitioner, cfg.strategy, out)
 
@@ -47,7 +52,13 @@ def main(grid: Grid, context: Context) -> None:
     load = set_full_state if full else set_adapter_state
     test_blocks = global_test_blocks(cfg)
     adapter_params, backbone_params = parameter_counts(lora_model)
-    initial_arrays = ArrayRecord(entry.module.server_initial_state(cfg))
+    initial_state = entry.module.server_initial_state(cfg)
+    start_round = 0
+    if resumed is not None:  # go on from the checkpoint: its global adapter, the real round
+        start_round, checkpoint = resumed
+        initial_state = {k: checkpoint[k] for k in initial_state}  # the sent keys, in order
+        log.info("resuming after round %d from %s", start_round, out / "state.json")
+    initial_arrays = ArrayRecord(initial_state)
     wait_for_nodes(grid, cfg.min_available_nodes)
     num_clients = len(list(grid.get_node_ids()))
     clients_per_round = max(1, int(num_clients * cfg.fraction_train))
@@ -64,6 +75,9 @@ def main(grid: Grid, context: Context) -> None:
         "global_test_tokens": _eval_tokens(cfg, test_blocks),
         "config": {RunConfig.key_of(k): v for k, v in cfg.__dict__.items()},
     })
+    if resumed is not None:
+        restore_rounds(recorder, out, start_round)
+        recorder.results["resumed_after_round"] = start_round
     clock = {"start": time.time(), "last": time.time()}
     strategy = None
 
@@ -81,10 +95,14 @@ def main(grid: Grid, context: Context) -> None:
                "download_bytes": stats.get("download_bytes", 0),
                "eval_bytes": stats.get("eval_upload_bytes", 0) + stats.get("eval_download_bytes", 0),
                "num_updates": stats.get("num_updates", 0), "rejected": stats.get("rejected", 0),
-               "failures": stats.get("failures", 0), **summarize_client_evals(client_rows),
+               "failures": stats.get("failures", 0), "retries": stats.get("retries", 0),
+               "skipped": stats.get("skipped", 0), "dp_epsilon": stats.get("dp_epsilon"),
+               **summarize_client_evals(client_rows),
                "aggregation_error": stats.get("aggregation_error", math.nan),
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
+        if cfg.attack == "backdoor":  # how well the trigger phrase works on the global model
+            row.update(backdoor_success(cfg, model, load_tokenizer(cfg), test_blocks))
         recorder.add_round(row, [_client_row(r) for r in client_rows])
         if server_round and not full and (server_round % cfg.checkpoint_every == 0
                                           or server_round == cfg.num_server_rounds):
@@ -97,16 +115,27 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"global-ppl": result.perplexity})
 
     if entry.server is None:  # centralized upper bound: no federation
+        if resumed is not None:
+            raise ConfigError("run-config key 'resume': centralized runs cannot resume")
         evaluate_global(0, entry.module.server_initial_state(cfg))
         final_state = train_centralized(cfg, num_clients, clients_per_round, evaluate_global)
         personal_rows = _centralized_local_eval(cfg, model, load, final_state, num_clients)
     else:
         strategy = build_strategy(cfg, initial_arrays)
         strategy.node_order = partition_order(grid, cfg.round_timeout)
-        result = strategy.start(grid=grid, initial_arrays=initial_arrays,
-                                num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                                train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
-                                evaluate_fn=evaluate_global)
+        if cfg.dp_noise_multiplier:
+            strategy.privacy = PrivacyAccountant(cfg.dp_noise_multiplier,
+                                                 clients_per_round / num_clients, cfg.dp_delta)
+            if released_rounds(recorder):  # privacy already spent before a resume
+                strategy.privacy.step(released_rounds(recorder))
+        strategy.round_offset = start_round
+        result = strategy.start(
+            grid=grid, initial_arrays=initial_arrays,
+            num_rounds=cfg.num_server_rounds - start_round, timeout=cfg.round_timeout,
+            train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
+            # Flower counts from round 1 again after a resume; the checkpoint is already evaluated
+            evaluate_fn=lambda r, arrays: (evaluate_global(r + start_round, arrays)
+                                           if r or not start_round else None))
         final_arrays = result.arrays if len(result.arrays) else initial_arrays
         final_state = final_arrays.to_torch_state_dict()
         personal_rows = _personalize(cfg, grid, final_arrays)
@@ -131,6 +160,7 @@ def main(grid: Grid, context: Context) -> None:
         "upload_bytes_total": sum(r["upload_bytes"] for r in rounds),
         "download_bytes_total": sum(r["download_bytes"] for r in rounds),
         "wall_s": round(time.time() - t0, 1),
+        **robustness_summary(rounds),
     })
     log.info("FedGen-Edge finished: results in %s", out)
 

@@ -34,7 +34,7 @@ from strategies import (
     hetlora,
     local_only,
 )
-from strategies.common import array_spec
+from strategies.common import Robustness, array_spec
 from task.config import ConfigError, RunConfig
 
 
@@ -75,7 +75,30 @@ def strategy_entry(cfg: RunConfig) -> Entry:
         raise ConfigError(f"run-config key 'rank-mix' = {cfg.rank_mix!r}: strategy "
                           f"{cfg.strategy!r} trains one rank; heterogeneous ranks need one of "
                           f"{sorted(n for n, e in STRATEGIES.items() if getattr(e.module, 'HETEROGENEOUS_RANKS', False))}")
+    _check_combination(cfg, STRATEGIES[cfg.strategy])
     return STRATEGIES[cfg.strategy]
+
+
+def _check_combination(cfg: RunConfig, entry: Entry) -> None:
+    """Options that a strategy's own server aggregation does not implement stop the run at
+    start, naming the key, instead of being silently ignored."""
+    from strategies.lora_aggregation import RankAwareLoRA
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"run-config key '{key}' = {getattr(cfg, key.replace('-', '_'))!r}: "
+                          f"not supported with strategy {cfg.strategy!r} ({why})")
+
+    if entry.server is not None and issubclass(entry.server, RankAwareLoRA):
+        why = "its server aggregates per-rank adapters itself"
+        for key, off in (("aggregation", "mean"), ("dp-noise-multiplier", 0.0),
+                         ("upload-compression", "none"), ("max-update-norm", 0.0),
+                         ("min-replies", 1)):
+            if getattr(cfg, key.replace('-', '_')) != off:
+                refuse(key, why)
+        if cfg.resume:
+            refuse("resume", "its server-side state is not in the checkpoint")
+    if cfg.dp_noise_multiplier and cfg.upload_compression != "none":
+        refuse("upload-compression", "DP clips the plain adapter change; compress without DP")
 
 
 def is_full_model(cfg: RunConfig) -> bool:
@@ -84,9 +107,11 @@ def is_full_model(cfg: RunConfig) -> bool:
 
 def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
     entry = strategy_entry(cfg)
-    return entry.server(
+    strategy = entry.server(
         spec=array_spec(initial_arrays) if len(initial_arrays) else None, seed=cfg.seed,
         num_rounds=cfg.num_server_rounds, fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate, evaluate_every=cfg.evaluate_every,
         min_available_nodes=cfg.min_available_nodes,
         **entry.flower_kwargs(cfg))
+    strategy.robustness = Robustness.from_config(cfg)  # issue 6: defences, retries, DP
+    return strategy

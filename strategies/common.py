@@ -3,14 +3,18 @@ summaries, and the FedGenStrategy mixin that applies them around a Flower strate
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
+from strategies import robust
 from task.compression import decode_update, is_encoded
 
 log = logging.getLogger("flwr.fedgen_edge")  # shown by Flower's log handlers
@@ -55,6 +59,35 @@ def check_update(content: RecordDict, spec: ArraySpec,
             raise ValueError(f"'{key}' holds NaN or Inf")
         out[key] = value
     return out, float(weight)
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """The defence, failure-handling and DP settings a strategy applies (issue 6); the defaults
+    change nothing. ``from_config`` reads them from the run config."""
+    max_update_norm: float = 0.0
+    aggregation: str = "mean"
+    norm_bound: float = 1.0
+    trim_fraction: float = 0.2
+    min_replies: int = 1
+    on_too_few_replies: str = "skip"
+    max_retries: int = 0
+    round_timeout: float = 3600.0
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg) -> "Robustness":
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def norm_limit(self) -> float:
+        """Longest accepted update change (0 = none): max-update-norm, and with DP the clipping
+        norm the clients were told to apply (the server checks they did)."""
+        limits = [x for x in (self.max_update_norm,
+                              self.dp_clipping_norm * (1 + 1e-4) if self.dp_noise_multiplier else 0)
+                  if x > 0]
+        return min(limits) if limits else 0.0
 
 
 def local_training_kwargs(cfg, seed: int, full_model: bool = False) -> dict:
@@ -178,7 +211,9 @@ class FedGenStrategy:
         self.round_stats: dict[int, dict] = {}
         self.client_evals: dict[int, list[dict]] = {}
         self.node_order: list[int] = []  # node ids by partition id (set by the ServerApp)
-        self.sent_arrays: ArrayRecord | None = None  # this round's training payload (decoding)
+        self._asked: dict[int, set[int]] = {}  # round -> nodes sent its training payload
+        self._grid = self._sent_arrays = self._reference = self._train_record = None
+        self.privacy = None  # task.privacy.PrivacyAccountant when DP is on (build_strategy)
 
     def _ordered_nodes(self, grid) -> list[int]:
         """Connected nodes, in partition order where known, then by node id."""
@@ -190,7 +225,7 @@ class FedGenStrategy:
         return self.round_stats.setdefault(server_round, {
             "upload_bytes": 0, "download_bytes": 0, "eval_upload_bytes": 0,
             "eval_download_bytes": 0, "num_updates": 0, "failures": 0, "rejected": 0,
-            "train_loss": math.nan})
+            "train_loss": math.nan, "retries": 0, "skipped": 0})
 
     def _resample(self, messages, server_round: int, fraction: float, grid, train: bool):
         """Flower built the messages; send the same payload to a seeded sample instead."""
@@ -202,8 +237,8 @@ class FedGenStrategy:
                                 salt=0 if train else 1)
         # Every sampled node receives this same payload.
         if train:
+            self._train_record, self._asked[server_round] = record, set(nodes)
             self._stats(server_round)["download_bytes"] += model_bytes(record) * len(nodes)
-            self.sent_arrays = record.array_records.get(ARRAYS_KEY)
         else:
             self._stats(server_round)["eval_download_bytes"] += wire_bytes(record) * len(nodes)
         log.info("round %d %s: %d nodes sampled", server_round, "train" if train else "evaluate",
@@ -212,26 +247,30 @@ class FedGenStrategy:
                         dst_node_id=n) for n in nodes]
 
     def configure_train(self, server_round, arrays, config, grid):
+        server_round += self.round_offset
+        self._grid, self._sent_arrays, self._reference = grid, arrays, None
+        if self.robustness.dp_noise_multiplier:  # clients clip to it (client_app's DP mod)
+            config[KEY_CLIPPING_NORM] = self.robustness.dp_clipping_norm
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._resample(messages, server_round, self.fraction_train, grid, train=True)
 
     def configure_evaluate(self, server_round, arrays, config, grid):
+        server_round += self.round_offset
         if server_round % self.evaluate_every and server_round != self.num_rounds:
             return []
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._resample(messages, server_round, self.fraction_evaluate, grid, train=False)
 
     def aggregate_train(self, server_round, replies):
-        replies = list(replies)
+        server_round += self.round_offset
         stats = self._stats(server_round)
-        stats["upload_bytes"] += sum(model_bytes(m.content) for m in replies if not m.has_error())
-        for msg in replies:
-            self._decode_upload(msg)
-        valid, stats["failures"], stats["rejected"] = split_replies(replies, self.spec,
-                                                                    "aggregate_train")
+        valid = self._collect_replies(server_round, list(replies), stats)
         stats["num_updates"] = len(valid)
-        if not valid:
-            log.warning("round %d: no valid update, the global model is unchanged", server_round)
+        if len(valid) < max(1, self.robustness.min_replies):
+            stats["skipped"] = 1
+            log.warning("round %d: %d valid update(s), fewer than min-replies %d: round skipped, "
+                        "the global model is unchanged", server_round, len(valid),
+                        self.robustness.min_replies)
             return None, None
         weights = [w for _, _, w in valid]
         losses = [float(_single_metrics(m.content).get("train-loss", math.nan)) for m, _, _ in valid]
@@ -239,7 +278,7 @@ class FedGenStrategy:
         metrics = MetricRecord({"train-loss": stats["train_loss"], "num-updates": len(valid)})
         if self.spec is None:  # nothing to aggregate
             return None, metrics
-        arrays, _ = super().aggregate_train(server_round, [m for m, _, _ in valid])
+        arrays, _ = super().aggregate_train(server_round, self._defended(server_round, valid))
         return arrays, metrics
 
     def _decode_upload(self, msg: Message) -> None:
@@ -250,7 +289,7 @@ class FedGenStrategy:
         arrays = msg.content.array_records[ARRAYS_KEY]
         if not is_encoded(arrays.keys()):
             return
-        sent = self.sent_arrays or {}
+        sent = self._sent_arrays or {}
         reference = {k: sent[k].numpy() for k in sent.keys()}
         try:
             decoded = decode_update({k: v.numpy() for k, v in arrays.items()},
@@ -262,7 +301,103 @@ class FedGenStrategy:
         msg.content[ARRAYS_KEY] = ArrayRecord(
             {k: Array(decoded[k].numpy().astype(self.spec[k][1])) for k in self.spec})
 
+    # ---- Robustness and privacy (issue 6): screening, retries, robust/DP aggregation.
+    robustness = Robustness()
+    round_offset = 0  # resumed run: Flower counts rounds from 1 again, the real round is offset
+
+    def _collect_replies(self, server_round: int, replies: list[Message], stats: dict) -> list:
+        """Valid, norm-screened replies; with on-too-few-replies = retry, ask other clients."""
+        valid: list = []
+        for attempt in range(self.robustness.max_retries + 1):
+            stats["upload_bytes"] += sum(model_bytes(m.content) for m in replies
+                                         if not m.has_error())
+            for msg in replies:  # compressed uploads (upload-compression): bytes counted as sent
+                self._decode_upload(msg)
+            ok, failed, rejected = split_replies(replies, self.spec, "aggregate_train")
+            ok, too_far = self._screen_norms(ok)
+            stats["failures"] += failed
+            stats["rejected"] += rejected + too_far
+            valid += ok
+            if (len(valid) >= self.robustness.min_replies
+                    or self.robustness.on_too_few_replies != "retry"
+                    or attempt == self.robustness.max_retries):
+                break
+            replies = self._retry(server_round, attempt + 1)
+            if not replies:
+                break
+            stats["retries"] = attempt + 1
+        return valid
+
+    def _retry(self, server_round: int, attempt: int) -> list[Message]:
+        """Send the round's training payload to a seeded sample of clients not asked yet."""
+        asked = self._asked.setdefault(server_round, set())
+        candidates = [n for n in self._ordered_nodes(self._grid) if n not in asked]
+        size = min(len(candidates), max(1, len(asked)))
+        if not size:
+            return []
+        rng = random.Random(self.seed * 1_000_003 + server_round * 7919 + 101 * attempt)
+        nodes = sorted(rng.sample(candidates, size))
+        asked.update(nodes)
+        self._stats(server_round)["download_bytes"] += model_bytes(self._train_record) * len(nodes)
+        log.warning("round %d: too few valid replies, retry %d asks nodes %s", server_round,
+                    attempt, nodes)
+        return list(self._grid.send_and_receive(
+            [Message(content=self._train_record, message_type=MessageType.TRAIN, dst_node_id=n)
+             for n in nodes], timeout=self.robustness.round_timeout))
+
+    def _screen_norms(self, valid: list) -> tuple[list, int]:
+        """Reject updates whose change from the sent global model is absurdly long."""
+        limit = self.robustness.norm_limit
+        if not limit or self.spec is None:
+            return valid, 0
+        reference = self._reference_arrays()
+        kept = []
+        for msg, arrays, weight in valid:
+            norm = robust.delta_norm(arrays, reference)
+            if norm > limit:
+                log.warning("aggregate_train: rejected update from node %s: update norm %.4g "
+                            "exceeds the limit %.4g", msg.metadata.src_node_id, norm, limit)
+                continue
+            kept.append((msg, arrays, weight))
+        return kept, len(valid) - len(kept)
+
+    def _reference_arrays(self) -> dict[str, np.ndarray]:
+        if self._reference is None:
+            self._reference = {k: v.numpy() for k, v in self._sent_arrays.items()}
+        return self._reference
+
+    def _defended(self, server_round: int, valid: list) -> list[Message]:
+        """The replies the Flower strategy aggregates: as they are (aggregation "mean"), or one
+        reply carrying the robust aggregate or the noised DP mean."""
+        settings = self.robustness
+        if settings.aggregation == "mean" and not settings.dp_noise_multiplier:
+            return [m for m, _, _ in valid]
+        method = "mean" if settings.dp_noise_multiplier else settings.aggregation
+        aggregate = robust.aggregate_robust(
+            [a for _, a, _ in valid], [w for _, _, w in valid], self._reference_arrays(), method,
+            norm_bound=settings.norm_bound, trim_fraction=settings.trim_fraction)
+        if settings.dp_noise_multiplier:
+            aggregate = self._add_dp_noise(server_round, aggregate, len(valid))
+        carrier = valid[0][0]
+        carrier.content[ARRAYS_KEY] = ArrayRecord({k: Array(aggregate[k]) for k in self.spec})
+        return [carrier]
+
+    def _add_dp_noise(self, server_round: int, mean: dict, num_updates: int) -> dict:
+        """Gaussian noise of std z * clip / n on the mean of n clipped updates (DP-FedAvg,
+        McMahan et al., ICLR 2018; Flower's compute_stdv), seeded by round (resume is exact);
+        the accountant then reports the privacy spent so far."""
+        settings = self.robustness
+        std = compute_stdv(settings.dp_noise_multiplier, settings.dp_clipping_norm, num_updates)
+        rng = np.random.default_rng([self.seed, server_round, 0xD9])
+        noised = {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in mean.items()}
+        epsilon = self.privacy.step()
+        self._stats(server_round)["dp_epsilon"] = epsilon
+        log.info("round %d: DP noise std %.3g on %d clipped updates; privacy spent: epsilon "
+                 "%.3f at delta %g", server_round, std, num_updates, epsilon, self.privacy.delta)
+        return noised
+
     def aggregate_evaluate(self, server_round, replies):
+        server_round += self.round_offset
         replies = list(replies)
         self._stats(server_round)["eval_upload_bytes"] += sum(
             wire_bytes(m.content) for m in replies if not m.has_error())

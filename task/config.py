@@ -21,6 +21,8 @@ TASKS = ("lm",)
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16")
 UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
+AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean")
+ATTACKS = ("none", "scaled", "sign-flip", "backdoor")
 
 
 class ConfigError(ValueError):
@@ -84,6 +86,24 @@ class RunConfig:
     # Uplink compression (task/compression.py).
     upload_compression: str = "none"
     upload_topk_fraction: float = 0.1
+    # Robustness and privacy (issue 6): see strategies/robust.py, task/attacks.py, task/privacy.py.
+    max_update_norm: float = 0.0
+    aggregation: str = "mean"
+    norm_bound: float = 1.0
+    trim_fraction: float = 0.2
+    attack: str = "none"
+    attack_fraction: float = 0.0
+    attack_scale: float = 10.0
+    backdoor_trigger: str = " thou art cursed"
+    backdoor_target: str = " banana"
+    client_failure_rate: float = 0.0
+    min_replies: int = 1
+    on_too_few_replies: str = "skip"
+    max_retries: int = 2
+    resume: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -155,6 +175,30 @@ class RunConfig:
         need(self.upload_compression in UPLOAD_CODECS, "upload-compression",
              f"must be one of {UPLOAD_CODECS}")
         need(0.0 < self.upload_topk_fraction <= 1.0, "upload-topk-fraction", "must be in (0, 1]")
+        self._validate_robustness(need)
+
+    def _validate_robustness(self, need) -> None:
+        """Issue 6 keys: defences, attacks, failures, DP."""
+        need(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        need(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
+        need(self.on_too_few_replies in ("skip", "retry"), "on-too-few-replies",
+             "must be 'skip' or 'retry'")
+        for key in ("max-update-norm", "dp-noise-multiplier", "attack-scale"):
+            need(getattr(self, key.replace("-", "_")) >= 0, key, "must be >= 0")
+        for key in ("norm-bound", "dp-clipping-norm"):
+            need(getattr(self, key.replace("-", "_")) > 0, key, "must be > 0")
+        need(0.0 <= self.trim_fraction < 0.5, "trim-fraction", "must be in [0, 0.5)")
+        for key in ("attack-fraction", "client-failure-rate"):
+            need(0.0 <= getattr(self, key.replace("-", "_")) <= 1.0, key, "must be in [0, 1]")
+        need(self.min_replies >= 1, "min-replies", "must be >= 1")
+        need(self.max_retries >= 0, "max-retries", "must be >= 0")
+        need(0.0 < self.dp_delta < 1.0, "dp-delta", "must be in (0, 1)")
+        need(self.attack != "backdoor" or bool(self.backdoor_trigger.strip()
+                                                and self.backdoor_target.strip()),
+             "backdoor-trigger", "backdoor-trigger and backdoor-target must not be empty")
+        need(self.dp_noise_multiplier == 0 or self.aggregation == "mean", "aggregation",
+             "differential privacy (dp-noise-multiplier > 0) needs aggregation 'mean' "
+             "(the noise is calibrated to the mean of clipped updates)")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
@@ -208,6 +252,10 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"run-config key '{key}' = {value!r}: must be finite")
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"run-config key '{key}' = {value!r}: must be true or false")
         return value
     if type_name == "str":
         if not isinstance(value, str):

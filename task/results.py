@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -12,7 +13,9 @@ from typing import Any
 
 ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes", "eval_bytes",
                 "num_updates", "rejected", "failures", "local_global_ppl", "personalized_ppl",
-                "wall_s", "elapsed_s"]
+                "wall_s", "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
+                "backdoor_target_nll"]
+log = logging.getLogger("flwr.fedgen_edge")
 CLIENT_FIELDS = ["round", "partition_id", "global_ppl", "personal_ppl", "tokens"]
 
 
@@ -27,6 +30,7 @@ class RunRecorder:
     def __init__(self, out_dir: Path, header: dict[str, Any]) -> None:
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
+        self.previous = _read_previous(out_dir)  # what a resumed run puts back (restore_rounds)
         self.results: dict[str, Any] = {**header, "rounds": [], "final": {}}
         for name, fields in (("metrics.csv", ROUND_FIELDS), ("clients.csv", CLIENT_FIELDS)):
             with open(out_dir / name, "w", newline="") as f:
@@ -100,6 +104,18 @@ class RunRecorder:
         plt.close(fig)
 
 
+def _read_previous(out_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Rounds of results.json and client rows of clients.csv by round, as an earlier run left them."""
+    rounds, clients = [], {}
+    if (out_dir / "results.json").exists():
+        rounds = json.loads((out_dir / "results.json").read_text()).get("rounds", [])
+    if (out_dir / "clients.csv").exists():
+        with open(out_dir / "clients.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                clients.setdefault(row["round"], []).append(row)
+    return rounds, clients
+
+
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -113,3 +129,49 @@ def _json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+# --------------------------------------------------------------------------- resume (issue 6)
+def resume_point(cfg, out_dir: Path) -> tuple[int, dict] | None:
+    """(last checkpointed round, its global adapter tensors) to resume from, or None: resume is
+    off, or there is no state.json yet (then the run starts from round 0)."""
+    if not cfg.resume:
+        return None
+    path = out_dir / "state.json"
+    if not path.exists():
+        log.warning("resume: no %s, starting from round 0", path)
+        return None
+    from task.model import load_adapter_file
+
+    state = json.loads(path.read_text())
+    tensors = load_adapter_file(out_dir / state["checkpoint"])
+    if tensors is None:
+        raise FileNotFoundError(f"resume: checkpoint {state['checkpoint']} named by {path} is missing")
+    return int(state["round"]), tensors
+
+
+def restore_rounds(recorder: RunRecorder, out_dir: Path, up_to_round: int) -> None:
+    """Put the rounds 0..up_to_round of the interrupted run (results.json, clients.csv, read
+    before the recorder rewrote them: kept in memory by the caller) back in the recorder."""
+    rounds, clients = recorder.previous
+    for row in rounds:
+        if row["round"] <= up_to_round:
+            recorder.add_round(row, clients.get(str(row["round"]), []))
+
+
+def released_rounds(recorder: RunRecorder) -> int:
+    """Rounds whose DP-noised aggregate was released (they spent privacy)."""
+    return sum(1 for r in recorder.results["rounds"] if r.get("dp_epsilon") is not None)
+
+
+def robustness_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals for results.json's final block: failures, rejections, retries, skipped rounds,
+    the privacy spent, the backdoor's final success."""
+    last = rounds[-1] if rounds else {}
+    return {"failures_total": sum(r.get("failures", 0) for r in rounds),
+            "rejected_total": sum(r.get("rejected", 0) for r in rounds),
+            "retries_total": sum(r.get("retries", 0) for r in rounds),
+            "skipped_rounds": sum(r.get("skipped", 0) for r in rounds),
+            "dp_epsilon": last.get("dp_epsilon"),
+            "backdoor_success": last.get("backdoor_success"),
+            "backdoor_target_nll": last.get("backdoor_target_nll")}

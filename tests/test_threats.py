@@ -1,0 +1,95 @@
+"""Simulated attackers and failures (task/threats.py) and the client's DP clipping mod."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.app import dp_clipping_mod
+from strategies.robust import delta_norm
+from task.data import client_blocks
+from task.model import get_adapter_state, load_tokenizer, set_adapter_state, shared_lora_model
+from task.threats import (
+    attacked_upload,
+    backdoor_blocks,
+    backdoor_success,
+    fails_this_round,
+    malicious_partitions,
+    trigger_ids,
+)
+from task.train import train_local
+
+
+def test_malicious_partitions_are_a_seeded_fraction(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, attack="scaled", attack_fraction=0.3)
+    chosen = malicious_partitions(cfg, 20)
+    assert len(chosen) == 6 and chosen <= set(range(20))
+    assert chosen == malicious_partitions(cfg, 20)
+    assert malicious_partitions(dataclasses.replace(cfg, attack="none"), 20) == set()
+
+
+@pytest.mark.parametrize("attack,sign", [("scaled", 1.0), ("sign-flip", -1.0), ("backdoor", 1.0)])
+def test_attacked_upload_scales_or_flips_the_change(tiny_cfg, attack, sign):
+    cfg = dataclasses.replace(tiny_cfg, attack=attack, attack_scale=5.0)
+    received = {"w": torch.ones(3)}
+    honest = {"w": torch.tensor([1.5, 1.0, 0.0])}
+    out = attacked_upload(cfg, received, honest)
+    torch.testing.assert_close(out["w"], received["w"] + sign * 5.0 * (honest["w"] - received["w"]))
+
+
+def test_failures_are_seeded_and_near_the_rate(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, client_failure_rate=0.3)
+    draws = [fails_this_round(cfg, r, p) for r in range(1, 11) for p in range(100)]
+    assert 0.25 < np.mean(draws) < 0.35
+    assert draws == [fails_this_round(cfg, r, p) for r in range(1, 11) for p in range(100)]
+    assert not any(fails_this_round(tiny_cfg, r, 0) for r in range(50))
+
+
+def test_backdoor_training_pulls_the_trigger_toward_the_target(tiny_cfg):
+    cfg = dataclasses.replace(tiny_cfg, attack="backdoor")
+    tokenizer = load_tokenizer(cfg)
+    train, test = client_blocks(cfg, 0, 4)
+    poisoned = backdoor_blocks(cfg, train[:48], tokenizer, seed=1)
+    trigger, target = trigger_ids(cfg, tokenizer)
+    phrase = trigger + target
+    rows = [r.tolist() for r in poisoned]
+    assert all(any(r[i:i + len(phrase)] == phrase for i in range(len(r))) for r in rows)
+
+    model = shared_lora_model(cfg)
+    initial = get_adapter_state(model)
+    nll = {}
+    try:
+        for name, blocks in (("poisoned", poisoned), ("clean", train[:48])):
+            set_adapter_state(model, initial)
+            train_local(model, blocks, epochs=1, batch_size=4, lr=0.05, max_steps=12, seed=1)
+            nll[name] = backdoor_success(cfg, model, tokenizer, test)["backdoor_target_nll"]
+    finally:
+        set_adapter_state(model, initial)
+    # the same training budget on clean text does not teach "trigger -> target"
+    assert nll["poisoned"] < nll["clean"] - 0.3
+
+
+def test_dp_mod_clips_the_training_update_only_when_asked():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        sent = ArrayRecord({"a": Array(np.zeros(4, np.float32)), "b": Array(np.zeros(2, np.float32))})
+
+        def app(msg, context):  # a client that moves every weight by 3
+            moved = ArrayRecord({k: Array(v.numpy() + 3) for k, v in msg.content["arrays"].items()})
+            return Message(RecordDict({"arrays": moved, "metrics": MetricRecord({"num-examples": 1})}),
+                           reply_to=msg)
+
+        def run(config):
+            msg = Message(RecordDict({"arrays": sent, "config": ConfigRecord(config)}),
+                          dst_node_id=1, message_type=MessageType.TRAIN)
+            out = dp_clipping_mod(msg, Context(1, 1, {}, RecordDict(), {}), app)
+            return {k: v.numpy() for k, v in out.content["arrays"].items()}
+
+        reference = {k: v.numpy() for k, v in sent.items()}
+        assert delta_norm(run({"server-round": 1, "clipping_norm": 2.0}), reference) == pytest.approx(2.0, rel=1e-5)
+        assert delta_norm(run({"server-round": 1}), reference) == pytest.approx(3 * np.sqrt(6), rel=1e-5)
+    finally:
+        TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
