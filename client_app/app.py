@@ -11,6 +11,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client_app.image import evaluate_image
 from strategies import is_full_model, strategy_entry
 from task.config import RunConfig
 from task.data import client_blocks
@@ -67,6 +68,9 @@ def evaluate(msg: Message, context: Context) -> Message:
             str(config["personalize-partitions"]).split(","):
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
     cfg, partition_id, received, (train_blocks, test_blocks) = _setup(msg, context)
+    if cfg.task == "image":  # FID on the client's own classes (client_app/image.py)
+        metrics = evaluate_image(cfg, partition_id, received, train_blocks, test_blocks, config)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     module = strategy_entry(cfg).module
     global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
     full = is_full_model(cfg)

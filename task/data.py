@@ -280,7 +280,12 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 @lru_cache(maxsize=1024)
 def client_blocks(cfg: RunConfig, partition_id: int,
                   num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train blocks, local-test blocks) of one client, tokenized once per process."""
+    """(train blocks, local-test blocks) of one client, tokenized once per process.
+    The image task's blocks are image rows [label, pixels] (task/image_data.py)."""
+    if cfg.task == "image":
+        from task.image_data import client_image_rows
+
+        return client_image_rows(cfg, partition_id, num_partitions)
     from task.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
@@ -292,6 +297,10 @@ def client_blocks(cfg: RunConfig, partition_id: int,
 
 @lru_cache(maxsize=4)
 def global_test_blocks(cfg: RunConfig) -> torch.Tensor:
+    if cfg.task == "image":
+        from task.image_data import global_test_rows
+
+        return global_test_rows(cfg)
     from task.model import load_tokenizer
 
     corpus = load_corpus(cfg)
