@@ -111,11 +111,22 @@ def load_cifar10(cache_dir: Path) -> ImageDataset:  # pragma: no cover - needs t
                             f["test_labels"], CIFAR10_CLASSES)
 
 
-@lru_cache(maxsize=2)
 def load_images(cfg: RunConfig) -> ImageDataset:
-    if cfg.dataset == "fashion-mnist":
-        return load_fashion_mnist()
-    return load_cifar10(cfg.cache_path)
+    return _load_images(cfg.dataset, cfg.cache_path)
+
+
+@lru_cache(maxsize=2)
+def _load_images(dataset: str, cache_path: Path) -> ImageDataset:
+    return load_fashion_mnist() if dataset == "fashion-mnist" else load_cifar10(cache_path)
+
+
+def _split_key(cfg: RunConfig) -> RunConfig:
+    """The config reduced to what the splits depend on (so runs and tests that differ in
+    anything else, e.g. the strategy, share the cached partitions)."""
+    return RunConfig(task=cfg.task, dataset=cfg.dataset, partitioner=cfg.partitioner,
+                     dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed,
+                     pretrain_fraction=cfg.pretrain_fraction, test_fraction=cfg.test_fraction,
+                     fid_images=cfg.fid_images, cache_dir=str(cfg.cache_path))
 
 
 # --------------------------------------------------------------------------- rows
@@ -132,18 +143,26 @@ def unpack_rows(rows: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.
 
 
 # --------------------------------------------------------------------------- splits
-@lru_cache(maxsize=4)
 def public_and_pool(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     """Training-image indices of the server's public split and of the clients' pool."""
+    return _public_and_pool(_split_key(cfg))
+
+
+@lru_cache(maxsize=4)
+def _public_and_pool(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     n = len(load_images(cfg).train_labels)
     order = np.random.default_rng(cfg.seed).permutation(n)
     n_public = int(round(cfg.pretrain_fraction * n))
     return np.sort(order[:n_public]), np.sort(order[n_public:])
 
 
-@lru_cache(maxsize=8)
 def image_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     """Training-image indices of every client, reproducible from the seed."""
+    return _image_partitions(_split_key(cfg), num_partitions)
+
+
+@lru_cache(maxsize=8)
+def _image_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, ...]:
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
@@ -158,13 +177,19 @@ def image_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, .
                                            alpha=cfg.dirichlet_alpha, min_partition_size=4,
                                            self_balancing=True, seed=cfg.seed)
     partitioner.dataset = ds
-    return tuple(np.asarray(partitioner.load_partition(p)["index"]) for p in range(num_partitions))
+    return tuple(np.asarray(partitioner.load_partition(p).with_format("numpy")[:]["index"])
+                 for p in range(num_partitions))
 
 
-@lru_cache(maxsize=1024)
 def client_image_rows(cfg: RunConfig, partition_id: int,
                       num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train rows, local-test rows) of one client."""
+    return _client_image_rows(_split_key(cfg), partition_id, num_partitions)
+
+
+@lru_cache(maxsize=1024)
+def _client_image_rows(cfg: RunConfig, partition_id: int,
+                       num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     data = load_images(cfg)

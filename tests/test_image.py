@@ -125,3 +125,24 @@ def test_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_fr
     direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.real.clip(0)).sum()
     assert moved == pytest.approx(direct, rel=1e-3)
     assert isinstance(evaluator.metric, FrechetInceptionDistance) and feats.num_features == 2048
+
+
+@pytest.mark.parametrize("strategy", ["fedavg-lora", "fedper", "ditto", "local-only", "fedprox",
+                                      "fedadam", "fedavg-full"])
+def test_every_strategy_trains_the_image_generator_unchanged(tmp_path, strategy):
+    from strategies import strategy_entry
+
+    cfg = image_cfg(tmp_path, strategy=strategy, fedper_personal_layers=1)
+    module = strategy_entry(cfg).module
+    initial = module.server_initial_state(cfg)
+    train_rows, _ = client_image_rows(cfg, 1, 10)
+    upload, loss = module.client_train(cfg, initial, 1, train_rows, 7, {"proximal-mu": 0.01})
+    assert np.isfinite(loss)
+    if strategy == "local-only":
+        assert upload is None
+    else:
+        assert set(upload) == set(initial) and any(not torch.equal(upload[k], initial[k]) for k in upload)
+    if strategy == "fedper":  # the last generator layer's adapter stays on the client
+        assert initial and not any(".layers.4." in k for k in upload)
+    global_state, personal = module.client_eval_states(cfg, initial, 1)
+    assert (personal is None) == (strategy in ("fedavg-full",))
