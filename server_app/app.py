@@ -25,6 +25,7 @@ from task.model import (
     shared_full_model,
     shared_lora_model,
 )
+from server_app.image import main_image
 from task.privacy import PrivacyAccountant
 from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
 from task.threats import backdoor_success
@@ -36,6 +37,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
+    if cfg.task == "image":  # conditional image generation: server_app/image.py
+        return main_image(grid, cfg)
     entry = strategy_entry(cfg)
     out = cfg.output_path
     resumed = resume_point(cfg, out)  # (last checkpointed round, its state) with resume = true
@@ -214,7 +217,7 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
     valid, _, _ = split_replies(replies, None, "personalization")
     rows = [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
             for m, _, _ in valid]
-    return [r for r in rows if r.get("global-tokens", 0) > 0]
+    return [r for r in rows if r.get("global-tokens", 0) > 0 or r.get("fid-images", 0) > 0]
 
 
 def _centralized_local_eval(cfg: RunConfig, model, load, state, num_clients: int) -> list[dict]:

@@ -173,6 +173,11 @@ def summarize_client_evals(rows: list[dict]) -> dict:
     ``personalized_ppl`` / ``personalized_global_ppl``: the personal vs the global adapter on
     the clients that already hold a personal adapter (same clients, same tokens).
     """
+    if rows and "global-fid" in rows[0]:  # the image task reports FID instead of NLL
+        from task.image_train import summarize_client_fids
+
+        return summarize_client_fids(rows)
+
     def ppl(rs: list[dict], which: str) -> float:
         tokens = sum(r[f"{which}-tokens"] for r in rs)
         return math.exp(sum(r[f"{which}-nll"] for r in rs) / tokens) if tokens else math.nan

@@ -16,13 +16,15 @@ from typing import Any, Mapping
 
 BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DATASETS = ("shakespeare", "ptb")
+IMAGE_DATASETS = ("fashion-mnist", "cifar10")  # image task (task/image_data.py)
 PARTITIONERS = ("lda-dirichlet", "iid", "role")
-TASKS = ("lm",)
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16")
 UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
 AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean")
 ATTACKS = ("none", "scaled", "sign-flip", "backdoor")
+IMAGE_PARTITIONERS = ("dirichlet", "iid")  # image task: label Dirichlet or IID
+TASKS = ("lm", "image")
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,15 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
     dp_delta: float = 1e-5
+    # Image task (task="image"): conditional DCGAN, LoRA on the generator, FID.
+    gan_generator_width: int = 32
+    gan_discriminator_width: int = 32
+    gan_discriminator_learning_rate: float = 2e-4
+    pretrain_steps: int = 1500
+    pretrain_fraction: float = 0.1
+    fid_images: int = 128
+    client_fid_images: int = 64
+    image_torch_threads: int = 1
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -133,8 +144,20 @@ class RunConfig:
 
         need(self.task in TASKS, "task", f"must be one of {TASKS}")
         need(bool(self.backbone), "backbone", f"must be one of {BACKBONES_BUILTIN} or a Hugging Face hub id")
-        need(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
-        need(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {PARTITIONERS}")
+        if self.task == "image":
+            need(self.dataset in IMAGE_DATASETS, "dataset", f"task 'image' needs one of {IMAGE_DATASETS}")
+            need(self.partitioner in IMAGE_PARTITIONERS, "partitioner",
+                 f"task 'image' needs one of {IMAGE_PARTITIONERS}")
+            for key in ("gan-generator-width", "gan-discriminator-width", "pretrain-steps",
+                        "fid-images", "client-fid-images"):
+                need(getattr(self, key.replace("-", "_")) >= (2 if "fid" in key else 1), key,
+                     "must be >= 2" if "fid" in key else "must be >= 1")
+            need(self.gan_discriminator_learning_rate > 0, "gan-discriminator-learning-rate", "must be > 0")
+            need(0.0 < self.pretrain_fraction < 1.0, "pretrain-fraction", "must be in (0, 1)")
+            need(self.image_torch_threads >= 0, "image-torch-threads", "must be >= 0 (0 = torch's default)")
+        else:
+            need(self.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
+            need(self.partitioner in PARTITIONERS, "partitioner", f"must be one of {PARTITIONERS}")
         need(
             self.partitioner != "role" or self.dataset == "shakespeare",
             "partitioner",

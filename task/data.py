@@ -289,11 +289,16 @@ def client_blocks_path(cfg: RunConfig, partition_id: int, num_partitions: int) -
 def client_blocks(cfg: RunConfig, partition_id: int,
                   num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train blocks, local-test blocks) of one client, tokenized once and cached on disk.
+    The image task's blocks are image rows [label, pixels] (task/image_data.py).
 
     Why on disk: partitioning the corpus (flwr-datasets and its imports) and loading the
     tokenizer cost seconds to tens of seconds in every new process, and a deployment SuperNode
     starts one per message; reading the cached blocks takes milliseconds.
     """
+    if cfg.task == "image":
+        from task.image_data import client_image_rows
+
+        return client_image_rows(cfg, partition_id, num_partitions)
     from safetensors.torch import load_file, save_file
 
     path = client_blocks_path(cfg, partition_id, num_partitions)
@@ -316,6 +321,10 @@ def client_blocks(cfg: RunConfig, partition_id: int,
 
 @lru_cache(maxsize=4)
 def global_test_blocks(cfg: RunConfig) -> torch.Tensor:
+    if cfg.task == "image":
+        from task.image_data import global_test_rows
+
+        return global_test_rows(cfg)
     from task.model import load_tokenizer
 
     corpus = load_corpus(cfg)

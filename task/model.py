@@ -114,7 +114,11 @@ def load_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
 
 def load_backbone(cfg: RunConfig) -> PreTrainedModel:
     """The frozen pre-trained model (not cached here; see shared_lora_model)."""
-    if cfg.backbone == "smollm2-135m":
+    if cfg.task == "image":  # the pre-trained conditional DCGAN generator (task/image_train.py)
+        from task.image_train import load_generator_backbone
+
+        model = load_generator_backbone(cfg)
+    elif cfg.backbone == "smollm2-135m":
         model = AutoModelForCausalLM.from_pretrained(_smollm2_cache(cfg.cache_path),
                                                      dtype=torch.float32)
     elif cfg.backbone == "tiny-gpt2":
@@ -133,6 +137,10 @@ def load_backbone(cfg: RunConfig) -> PreTrainedModel:
 
 # --------------------------------------------------------------------------- LoRA
 def lora_config(cfg: RunConfig, model_type: str) -> LoraConfig:
+    if model_type == "cdcgan":  # the image task's generator: LoRA on every convolution
+        from task.image_model import image_lora_config
+
+        return image_lora_config(cfg)
     if model_type not in QV_TARGETS:
         raise ValueError(f"no query/value LoRA targets known for model_type '{model_type}'")
     return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -173,7 +181,9 @@ def _restrict_c_attn_to_qv(model: PeftModel, adapter_name: str = "default") -> N
 def _model_key(cfg: RunConfig) -> tuple:
     return (cfg.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.seed,
             str(cfg.cache_path), cfg.seq_len if cfg.backbone == "tiny-gpt2" else 0,
-            cfg.device, cfg.gradient_checkpointing)
+            cfg.device, cfg.gradient_checkpointing,
+            (cfg.task, cfg.dataset, cfg.gan_generator_width, cfg.gan_discriminator_width,
+             cfg.pretrain_steps, cfg.pretrain_fraction) if cfg.task == "image" else ())
 
 
 def torch_device(cfg: RunConfig) -> torch.device:

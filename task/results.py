@@ -27,12 +27,17 @@ class RunRecorder:
     # and finish() always draws the final plot.
     plot_every_s = 30.0
 
-    def __init__(self, out_dir: Path, header: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, header: dict[str, Any], metric: str = "ppl") -> None:
         self.out_dir = out_dir
+        # The quality metric in field names: "ppl" (text) or "fid" (image task).
+        self.metric = metric
+        self.round_fields = [f.replace("_ppl", f"_{metric}") for f in ROUND_FIELDS]
+        self.client_fields = [f.replace("_ppl", f"_{metric}").replace("tokens", "tokens" if metric == "ppl" else "images")
+                              for f in CLIENT_FIELDS]
         out_dir.mkdir(parents=True, exist_ok=True)
         self.previous = _read_previous(out_dir)  # what a resumed run puts back (restore_rounds)
         self.results: dict[str, Any] = {**header, "rounds": [], "final": {}}
-        for name, fields in (("metrics.csv", ROUND_FIELDS), ("clients.csv", CLIENT_FIELDS)):
+        for name, fields in (("metrics.csv", self.round_fields), ("clients.csv", self.client_fields)):
             with open(out_dir / name, "w", newline="") as f:
                 csv.writer(f).writerow(fields)
         self._write_json()
@@ -41,11 +46,11 @@ class RunRecorder:
     def add_round(self, row: dict[str, Any], client_rows: list[dict[str, Any]] = ()) -> None:
         self.results["rounds"].append(row)
         with open(self.out_dir / "metrics.csv", "a", newline="") as f:
-            csv.writer(f).writerow([row.get(k, "") for k in ROUND_FIELDS])
+            csv.writer(f).writerow([row.get(k, "") for k in self.round_fields])
         with open(self.out_dir / "clients.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for c in client_rows:
-                writer.writerow([row["round"]] + [c.get(k, "") for k in CLIENT_FIELDS[1:]])
+                writer.writerow([row["round"]] + [c.get(k, "") for k in self.client_fields[1:]])
         self._write_json()
         if time.monotonic() - self._plotted_at >= self.plot_every_s:
             self.plot()
@@ -56,7 +61,7 @@ class RunRecorder:
         with open(self.out_dir / "clients.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for c in client_rows:
-                writer.writerow(["final"] + [c.get(k, "") for k in CLIENT_FIELDS[1:]])
+                writer.writerow(["final"] + [c.get(k, "") for k in self.client_fields[1:]])
         self._write_json()
 
     def finish(self, final: dict[str, Any]) -> None:
@@ -80,16 +85,17 @@ class RunRecorder:
             return
         x = [r["round"] for r in rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(x, [r["global_ppl"] for r in rounds], marker="o", label="global (server test)")
-        local = [(r["round"], r["local_global_ppl"]) for r in rounds
-                 if _finite(r.get("local_global_ppl"))]
+        m = self.metric
+        ax1.plot(x, [r[f"global_{m}"] for r in rounds], marker="o", label="global (server test)")
+        local = [(r["round"], r[f"local_global_{m}"]) for r in rounds
+                 if _finite(r.get(f"local_global_{m}"))]
         if local:
             ax1.plot(*zip(*local), marker="s", ls="--", label="global on client tests")
-        pers = [(r["round"], r["personalized_ppl"]) for r in rounds
-                if _finite(r.get("personalized_ppl"))]
+        pers = [(r["round"], r[f"personalized_{m}"]) for r in rounds
+                if _finite(r.get(f"personalized_{m}"))]
         if pers:
             ax1.plot(*zip(*pers), marker="^", ls=":", label="personalized on client tests")
-        ax1.set(xlabel="round", ylabel="perplexity", title=f"{self.results.get('backbone')} / "
+        ax1.set(xlabel="round", ylabel={"ppl": "perplexity"}.get(m, m.upper()), title=f"{self.results.get('backbone')} / "
                 f"{self.results.get('strategy')}")
         ax1.legend()
         cumulative, total = [], 0
@@ -99,7 +105,7 @@ class RunRecorder:
         ax2.plot(x, cumulative, marker="o", color="tab:red")
         ax2.set(xlabel="round", ylabel="cumulative upload (MiB)", title="uplink")
         fig.tight_layout()
-        fig.savefig(self.out_dir / "perplexity.png", dpi=100)
+        fig.savefig(self.out_dir / ("perplexity.png" if m == "ppl" else f"{m}.png"), dpi=100)
         self._plotted_at = time.monotonic()
         plt.close(fig)
 

@@ -43,7 +43,14 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
     ``after_step(n)`` runs after optimizer step n (it may evaluate: training mode is restored).
     ``precision="bf16"`` runs forward passes under bf16 autocast (the adapter and optimizer state
     stay float32), on whatever device the model is on.
+    An image generator trains as a GAN instead (task/image_train.py, same contract).
     """
+    from task.image_train import base_generator, train_gan_local
+
+    if base_generator(model) is not None:
+        return train_gan_local(model, blocks, epochs=epochs, batch_size=batch_size, lr=lr,
+                               weight_decay=weight_decay, max_steps=max_steps, seed=seed,
+                               penalty=penalty, after_step=after_step)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)

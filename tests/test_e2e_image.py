@@ -1,0 +1,62 @@
+"""`flwr run .` of the image task end to end (conf/smoke-image.toml: tiny cDCGAN, 10 clients, 2 rounds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from task.config import RunConfig
+from task.model import load_backbone
+from test_e2e import _processes_with_flwr_home
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_image_smoke_run_federates_generator_adapters_and_reports_fid(tmp_path):
+    out = tmp_path / "out"
+    cache = Path(os.environ["FEDGEN_EDGE_HOME"]) / "cache"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "10",
+         "--flwr-home", str(tmp_path / "flwr"), "--timeout", "600",
+         "--run-config", "conf/smoke-image.toml",
+         "--run-config", f"output-dir='{out}' cache-dir='{cache}'"],
+        cwd=ROOT, capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert results["task"] == "image" and results["pretrain"]["pretrain_steps"] == 40
+    assert all(r["global_fid"] > 0 for r in rounds)
+    for r in rounds[1:]:
+        assert r["num_updates"] == 5 and r["rejected"] == 0 and r["failures"] == 0
+        # only generator adapters travel: 5 uploads of adapter_params float32, far below the generator
+        assert 5 * 4 * results["adapter_params"] < r["upload_bytes"] < 5 * 4 * results["backbone_params"] / 4
+    final = results["final"]
+    assert final["local_global_fid"] > 0 and final["personalized_fid"] > 0
+    assert final["protocol_clients"] == 1 and final["protocol_personalized_fid"] > 0
+    assert "global_fid" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "fid.png").stat().st_size > 0
+    for r in (0, 1, 2):
+        assert (out / "checkpoints" / f"round-{r:04d}" / "grid.png").stat().st_size > 0
+
+    # The global adapter is a peft checkpoint (the transposed-conv LoRA registered on load).
+    from task.image_model import LoraConvTranspose2d, image_lora_config
+
+    cfg = RunConfig.from_run_config({"task": "image", "dataset": "fashion-mnist", "partitioner": "dirichlet",
+                                     "gan-generator-width": 8, "gan-discriminator-width": 8,
+                                     "pretrain-steps": 40, "lora-rank": 2, "lora-alpha": 4.0,
+                                     "cache-dir": str(cache)})
+    model = PeftModel.from_pretrained(load_backbone(cfg), out / "global-adapter",
+                                      config=image_lora_config(cfg))
+    assert any(isinstance(m, LoraConvTranspose2d) for m in model.modules())
+    with torch.no_grad():
+        images = model(torch.randn(4, 100), torch.arange(4))
+    assert images.shape == (4, 1, 32, 32) and torch.isfinite(images).all()

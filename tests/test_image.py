@@ -1,0 +1,148 @@
+"""The image task: LoRA on (transposed) convolutions, only adapters train, data splits, FID."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from task.config import RunConfig
+from task.image_data import client_image_rows, public_and_pool, image_partitions, load_images, unpack_rows
+from task.image_model import ConditionalGenerator, LoraConvTranspose2d, image_lora_config
+
+
+def image_cfg(tmp_path, **overrides) -> RunConfig:
+    values = dict(task="image", dataset="fashion-mnist", partitioner="dirichlet", dirichlet_alpha=0.1,
+                  gan_generator_width=4, gan_discriminator_width=4, pretrain_steps=2, lora_rank=2,
+                  lora_alpha=4.0, lora_dropout=0.0, batch_size=8, output_dir=str(tmp_path / "out"),
+                  cache_dir=os.environ["FEDGEN_EDGE_HOME"] + "/cache")
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+def lora_generator(cfg: RunConfig):
+    torch.manual_seed(0)
+    return get_peft_model(ConditionalGenerator(10, 1, cfg.gan_generator_width), image_lora_config(cfg))
+
+
+def test_lora_covers_every_generator_conv_transposed_ones_with_our_module(tmp_path):
+    model = lora_generator(image_cfg(tmp_path))
+    wrapped = {n: type(m).__name__ for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert len(wrapped) == 5  # four transposed convolutions + the final 3x3 convolution
+    assert sum(isinstance(m, LoraConvTranspose2d) for m in model.modules()) == 4
+    assert list(wrapped.values()).count("Conv2d") == 1  # peft's own Conv2d LoRA
+
+
+def test_lora_at_init_equals_the_frozen_layer_and_merges_to_w_plus_scaled_ba(tmp_path):
+    cfg = image_cfg(tmp_path)
+    model = lora_generator(cfg)
+    layer = model.base_model.model.layers[1].conv
+    assert isinstance(layer, LoraConvTranspose2d)
+    x = torch.randn(3, layer.in_features, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.base_layer(x))  # B = 0 at init
+        layer.lora_B["default"].weight.normal_()
+        w = layer.base_layer.weight.clone()                 # (C_in, C_out, k, k)
+        a = layer.lora_A["default"].weight                  # (C_in, r, k, k)
+        b = layer.lora_B["default"].weight[:, :, 0, 0]      # (r, C_out)
+        c_in, c_out, k, _ = w.shape
+        r = cfg.lora_rank
+        # W + scale * (B A) reshaped: B^T (C_out x r) times A as an (r x C_in*k*k) matrix.
+        ba = (b.t() @ a.permute(1, 0, 2, 3).reshape(r, -1)).reshape(c_out, c_in, k, k).permute(1, 0, 2, 3)
+        expected = w + cfg.lora_alpha / r * ba
+        adapted = layer(x)
+        conv = layer.base_layer
+        reference = nn.functional.conv_transpose2d(x, expected, None, conv.stride, conv.padding)
+        torch.testing.assert_close(adapted, reference, rtol=1e-5, atol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer.base_layer.weight, expected)
+        torch.testing.assert_close(layer(x), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_training_changes_only_the_generator_adapter(tmp_path):
+    from task.model import get_adapter_state, initial_adapter_state, shared_lora_model
+    from task.train import train_local
+
+    cfg = image_cfg(tmp_path)
+    model = shared_lora_model(cfg)  # pre-trains the tiny backbone into the test cache once
+    from task.model import set_adapter_state
+
+    set_adapter_state(model, initial_adapter_state(cfg))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    disc_before = {k: v.clone() for k, v in model.get_base_model().discriminator_state.items()}
+    train_rows, _ = client_image_rows(cfg, 0, 10)
+    loss = train_local(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=3, seed=1)
+    assert np.isfinite(loss)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert len(changed) == len(get_adapter_state(model))  # every adapter tensor moved (B included)
+    # the pre-trained discriminator the clients copy from is untouched
+    assert all(torch.equal(v, model.get_base_model().discriminator_state[k]) for k, v in disc_before.items())
+
+
+def test_public_split_is_disjoint_and_dirichlet_skews_labels(tmp_path):
+    cfg = image_cfg(tmp_path)
+    public, pool = public_and_pool(cfg)
+    assert len(public) == 6000 and not set(public) & set(pool)
+    parts = image_partitions(cfg, 20)
+    assert not set(public) & set(np.concatenate(parts))
+    labels = load_images(cfg).train_labels
+    # alpha 0.1: a client's two largest classes hold most of its images
+    top2 = [np.sort(np.bincount(labels[p], minlength=10))[-2:].sum() / len(p) for p in parts]
+    assert np.median(top2) > 0.8
+    train, test = client_image_rows(cfg, 3, 20)
+    images, y = unpack_rows(train, 1)
+    assert images.shape[1:] == (1, 32, 32) and images.min() >= -1 and images.max() <= 1
+    assert images[:, :, :2].max() == -1  # zero padding to 32x32 (black border)
+    assert set(y.tolist()) <= set(labels[parts[3]].tolist()) and len(test) >= 1
+
+
+def test_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_frechet():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from task.image_fid import FidEvaluator, InceptionFeatures
+
+    data = load_images(image_cfg(Path("/tmp")))
+    torch.set_num_threads(1)  # InceptionV3 at 299 px on a shared CPU: one thread waits least
+    real = torch.from_numpy(data.test_images[:8])
+    shifted = (real.int() // 2 + 100).to(torch.uint8)  # lower contrast, lighter
+    evaluator = FidEvaluator(real)
+    same, moved = evaluator.score(real), evaluator.score(shifted)
+    assert abs(same) < 1e-2 * moved and moved > 1.0
+
+    # Direct Frechet distance on the same InceptionV3 features (numpy, float64).
+    feats = InceptionFeatures()
+    f1, f2 = feats(real).double().numpy(), feats(shifted).double().numpy()
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2)
+    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.real.clip(0)).sum()
+    assert moved == pytest.approx(direct, rel=1e-3)
+    assert isinstance(evaluator.metric, FrechetInceptionDistance) and feats.num_features == 2048
+
+
+@pytest.mark.parametrize("strategy", ["fedavg-lora", "fedper", "ditto", "local-only", "fedprox",
+                                      "fedadam", "fedavg-full"])
+def test_every_strategy_trains_the_image_generator_unchanged(tmp_path, strategy):
+    from strategies import strategy_entry
+
+    cfg = image_cfg(tmp_path, strategy=strategy, fedper_personal_layers=1)
+    module = strategy_entry(cfg).module
+    initial = module.server_initial_state(cfg)
+    train_rows, _ = client_image_rows(cfg, 1, 10)
+    upload, loss = module.client_train(cfg, initial, 1, train_rows, 7, {"proximal-mu": 0.01})
+    assert np.isfinite(loss)
+    if strategy == "local-only":
+        assert upload is None
+    else:
+        assert set(upload) == set(initial) and any(not torch.equal(upload[k], initial[k]) for k in upload)
+    if strategy == "fedper":  # the last generator layer's adapter stays on the client
+        assert initial and not any(".layers.4." in k for k in upload)
+    global_state, personal = module.client_eval_states(cfg, initial, 1)
+    assert (personal is None) == (strategy in ("fedavg-full",))
