@@ -139,7 +139,7 @@ def test_server_decodes_before_aggregating_and_rejects_a_bad_payload(server_iden
     sent = ArrayRecord({k: Array(v.numpy()) for k, v in reference.items()})
     strategy = FedAvgLoRA(spec=array_spec(sent), seed=1, num_rounds=1, fraction_train=1.0,
                           fraction_evaluate=1.0)
-    strategy.sent_arrays = sent
+    strategy._sent_arrays = sent  # what configure_train records
     good, _ = encode_update(update, reference, "int8-row", seed=3)
     bad = dict(good)
     bad["codec:scales"] = good["codec:scales"][:-1]  # truncated
