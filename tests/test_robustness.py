@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from strategies import STRATEGIES
+from strategies import STRATEGIES, strategy_entry
 from strategies.common import Robustness, array_spec
+from strategies.lora_aggregation import RankAwareLoRA
 from strategies.robust import aggregate_robust, clip_delta, delta_norm, trimmed_mean
+from task.config import ConfigError, RunConfig
 from task.privacy import PrivacyAccountant
 
 SHAPES = {"h.0.attn.c_attn.lora_A.weight": (2, 3), "h.0.attn.c_attn.lora_B.weight": (3, 2),
@@ -21,6 +23,11 @@ GLOBAL = {k: np.full(s, 0.5, np.float32) for k, s in SHAPES.items()}
 # every federated strategy class that aggregates adapter arrays
 ARRAY_STRATEGIES = sorted(name for name, e in STRATEGIES.items()
                           if e.server is not None and name != "local-only")
+# fedex-lora, flora, hetlora aggregate per-rank adapters themselves: they validate every reply
+# but refuse the robust options at start (test_rank_aware_strategies_refuse_robust_options)
+RANK_AWARE = sorted(name for name in ARRAY_STRATEGIES
+                    if issubclass(STRATEGIES[name].server, RankAwareLoRA))
+ROBUST_STRATEGIES = [name for name in ARRAY_STRATEGIES if name not in RANK_AWARE]
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +75,8 @@ def make(name: str, robustness: Robustness = Robustness(), grid=None):
     kwargs = {"eta": 0.1} if name in ("fedadam", "fedyogi") else {}
     if name == "fedprox":
         kwargs = {"proximal_mu": 0.01}
+    if name in RANK_AWARE:  # GLOBAL is a rank-2 adapter
+        kwargs = {"adapter_spec": array_spec(record(GLOBAL)), "max_rank": 2}
     strategy = entry.server(spec=array_spec(record(GLOBAL)), seed=1, num_rounds=3,
                             fraction_train=1.0, fraction_evaluate=1.0, **kwargs)
     strategy.robustness = robustness
@@ -114,6 +123,9 @@ finite = st.floats(-2, 2, allow_nan=False, width=32)
 @given(name=st.sampled_from(ARRAY_STRATEGIES), data=st.data(),
        kinds=st.lists(st.sampled_from(BAD_KINDS), min_size=1, max_size=4))
 def test_fuzz_every_strategy_drops_exactly_the_malformed_updates(name, data, kinds, caplog):
+    if name in RANK_AWARE:  # no norm screen there (max-update-norm is refused at start)
+        kinds = [k for k in kinds if k != "huge-norm"]
+        assume(kinds)
     good_values = [{k: np.asarray(data.draw(st.lists(finite, min_size=int(np.prod(s)),
                                                      max_size=int(np.prod(s)))), np.float32).reshape(s)
                     for k, s in SHAPES.items()} for _ in range(2)]
@@ -179,7 +191,7 @@ def test_trimmed_mean_never_drops_everything():
     np.testing.assert_allclose(trimmed_mean(stack, 0.49), [3.0])
 
 
-@pytest.mark.parametrize("name", ARRAY_STRATEGIES)
+@pytest.mark.parametrize("name", ROBUST_STRATEGIES)
 @pytest.mark.parametrize("method", ["median", "trimmed-mean", "norm-bound"])
 def test_every_strategy_resists_one_scaled_attacker(name, method):
     """Four honest updates near +0.1 and one boosted 1000x: the robust aggregate stays near the
@@ -286,6 +298,15 @@ def test_accountant_epsilon_grows_with_rounds_and_falls_with_noise():
 
 
 # ---------------------------------------------------------------- run config
+@pytest.mark.parametrize("name", RANK_AWARE)
+@pytest.mark.parametrize("key,value", [("aggregation", "median"), ("dp-noise-multiplier", 1.0),
+                                       ("max-update-norm", 5.0), ("upload-compression", "int8"),
+                                       ("resume", True)])
+def test_rank_aware_strategies_refuse_robust_options(name, key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        strategy_entry(RunConfig.from_run_config({"strategy": name, key: value}))
+
+
 @pytest.mark.parametrize("key,value,needle", [
     ("aggregation", "krum", "'aggregation'"),
     ("attack", "flood", "'attack'"),
