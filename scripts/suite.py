@@ -281,7 +281,7 @@ def aggregation_section(runs: dict, names: list[str]) -> list[str]:
         return []
     lines = ["## Exact and heterogeneous-rank LoRA aggregation", "",
              "| run | strategy | ranks | global ppl | personalized ppl | upload / round | "
-             "download / round | aggregation error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "download / round | aggregation error (mean of rounds) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for n in names:
         r, cfg = runs[n], runs[n]["config"]
         fed = [x for x in r["rounds"] if x["round"] > 0]
@@ -290,11 +290,11 @@ def aggregation_section(runs: dict, names: list[str]) -> list[str]:
         error = f"{sum(errors) / len(errors):.2e}" if errors else "n/a (B stays personal)"
         lines.append(f"| {n} | {cfg['strategy']} | {cfg.get('rank-mix') or cfg['lora-rank']} | "
                      f"{_fmt(r['final']['global_ppl'])} | {_fmt(r['final'].get('protocol_personalized_ppl'))} | "
-                     f"{_mb(sum(x['upload_bytes'] for x in fed) / len(fed))} | "
-                     f"{_mb(sum(x['download_bytes'] for x in fed) / len(fed))} | {error} |")
+                     f"{sum(x['upload_bytes'] for x in fed) / len(fed):,.0f} B | "
+                     f"{sum(x['download_bytes'] for x in fed) / len(fed):,.0f} B | {error} |")
     for n in names:
         if runs[n]["config"]["strategy"] == "flora":
-            per_round = ", ".join(_mb(x["download_bytes"]) for x in runs[n]["rounds"] if x["round"] > 0)
+            per_round = ", ".join(f"{x['download_bytes']:,} B" for x in runs[n]["rounds"] if x["round"] > 0)
             lines += ["", f"{n} downlink per round (rounds 1..N, {runs[n]['clients_per_round']} clients "
                       f"per round): {per_round}. It grows by one stacked adapter per client per round "
                       "(until a layer's factors outgrow its dense matrix)."]

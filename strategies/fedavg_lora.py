@@ -14,6 +14,7 @@ local training, saved in peft format), which is evaluated beside the global one.
 from __future__ import annotations
 
 import torch
+
 from strategies.common import FedGenStrategy, local_training_kwargs
 from strategies.lora_aggregation import MeasuredFedAvg
 from task.config import RunConfig
