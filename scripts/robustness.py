@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="tiny-gpt2")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fedgen"))
     parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
+    parser.add_argument("--only", default="", help="comma-separated run-name prefixes to run "
+                        "(e.g. '30%% clients fail,killed' for the failure and resume rows)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, work = Path(args.out), Path(args.work).resolve()
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     runs: list[dict] = []
     todo = plan(args.quick)
+    if args.only:
+        todo = [(n, o) for n, o in todo if any(n.startswith(p) for p in args.only.split(","))]
     with LocalSuperLink(work / "flwr") as link:
         for name, overrides in todo:
             if name == "killed + resumed":
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float, argv) -> None:
-    clean = runs[0]["final"]["global_ppl"]
+    clean = next((r for r in runs if r["name"] == "clean / mean"), runs[0])["final"]["global_ppl"]
     status = "" if len(runs) == planned else f" — partial: {len(runs)} of {planned} runs"
     (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     (out / "report.md").write_text(REPORT.format(
