@@ -101,11 +101,27 @@ class PeakMemory(threading.Thread):
             self.peak_bytes = max(self.peak_bytes, total)
 
 
-def stop(proc: subprocess.Popen) -> None:
+def _with_flwr_home(home: Path) -> list:
+    """Processes that inherited this FLWR_HOME (Ray workers re-parented away from the tree)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get("FLWR_HOME") == str(home):
+                found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+def stop(proc: subprocess.Popen, flwr_home: Path | None = None) -> None:
     """Stop the SuperLink and every process under it, by PID.
 
     SuperExec starts its own session (so a process-group kill misses it and the simulation and
     Ray processes under it): collect the whole tree first, then TERM, wait, KILL what is left.
+    With ``flwr_home``, processes of that Flower home that are no longer in the tree (a parent
+    that exited first leaves its children to init) are stopped too.
     """
     import psutil
 
@@ -114,6 +130,8 @@ def stop(proc: subprocess.Popen) -> None:
         procs = [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
         procs = []
+    if flwr_home is not None:
+        procs += [p for p in _with_flwr_home(flwr_home) if p not in procs]
     for p in procs:
         try:
             p.terminate()
@@ -127,6 +145,14 @@ def stop(proc: subprocess.Popen) -> None:
             pass
     psutil.wait_procs(alive, timeout=5)
     proc.wait(timeout=5)
+    if flwr_home is not None:  # stragglers started while the tree was being stopped
+        late = _with_flwr_home(flwr_home)
+        for p in late:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(late, timeout=5)
 
 
 class LocalSuperLink:
@@ -164,7 +190,7 @@ class LocalSuperLink:
         try:
             wait_for_port(self.port, self.proc)
         except BaseException:
-            stop(self.proc)
+            stop(self.proc, self.home)
             raise
         return self
 
@@ -184,7 +210,7 @@ class LocalSuperLink:
         if self.report_memory:
             print(f"peak RSS of all run processes: {self.watcher.peak_bytes / 2**30:.2f} GiB; "
                   f"wall {time.time() - self.t0:.0f} s", flush=True)
-        stop(self.proc)
+        stop(self.proc, self.home)
 
 
 def main(argv: list[str] | None = None) -> int:
