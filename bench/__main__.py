@@ -27,12 +27,12 @@ from bench.report import markdown
 from bench.worker import MARK
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("peak", "comm", "step", "backbone", "codecs", "costs", "sim")
+SECTIONS = ("peak", "comm", "codecs", "step", "backbone", "costs", "sim")
 
 SIZES = {  # "tiny": every measurement on tiny-gpt2, a minute or two: checks the harness itself
     "tiny": dict(backbone="tiny-gpt2", step_steps=2, calls=2, codec_clients=2, codec_rounds=2,
                  codec_steps=1, tiny_rounds=3, tiny_clients=4, smol_rounds=3, smol_clients=2),
-    "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=3, codec_rounds=2, codec_steps=2,
+    "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=2, codec_rounds=2, codec_steps=2,
                   tiny_rounds=4, tiny_clients=10, smol_rounds=3, smol_clients=4),
     "full": dict(backbone="smollm2-135m", step_steps=8, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
                  tiny_rounds=6, tiny_clients=10, smol_rounds=4, smol_clients=10),
@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         results["comm"] = [run_worker("comm_bytes", args.lock, backbone=b, work_dir=w)
                            for b in (p["backbone"], "distilgpt2-shape")]
         save()
+    if "codecs" in only:
+        print("upload codecs vs perplexity", flush=True)
+        results["codecs"] = run_worker(
+            "compression_quality", args.lock, backbone=p["backbone"],
+            codecs=["none", "bf16", "int8", "int8-row", "topk"], clients=p["codec_clients"],
+            rounds=p["codec_rounds"], max_steps=p["codec_steps"], work_dir=w)
+        save()
     if "step" in only:
         print("local step: LoRA vs full fine-tuning", flush=True)
         results["step"] = [run_worker("local_step", args.lock, backbone=b, mode=m,
@@ -116,13 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         results["backbone"] = [run_worker("client_calls", args.lock, backbone=p["backbone"],
                                           runtime=r, calls=p["calls"], work_dir=w)
                                for r in ("shared", "naive")]
-        save()
-    if "codecs" in only:
-        print("upload codecs vs perplexity", flush=True)
-        results["codecs"] = run_worker(
-            "compression_quality", args.lock, backbone=p["backbone"],
-            codecs=["none", "bf16", "int8", "int8-row", "topk"], clients=p["codec_clients"],
-            rounds=p["codec_rounds"], max_steps=p["codec_steps"], work_dir=w)
         save()
     if "costs" in only:
         print("runtime costs removed: before / after", flush=True)
