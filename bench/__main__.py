@@ -146,11 +146,17 @@ def main(argv: list[str] | None = None) -> int:
                 ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"]),
                 (p["backbone"], 100, p["smol_clients"], p["smol_rounds"]),
                 (p["backbone"], 10, p["smol_clients"], p["smol_rounds"])):
-            with heavy(args.lock):
-                runs.append(simulate(backbone, nodes, per_round, rounds, work))
+            try:
+                with heavy(args.lock):
+                    runs.append(simulate(backbone, nodes, per_round, rounds, work))
+            except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other figures
+                print(f"  {backbone} x{nodes} failed: {err}", flush=True)
+                results.setdefault("errors", []).append(f"sim {backbone} x{nodes}: {err}")
+                continue
             print(f"  {backbone} x{nodes}: {runs[-1]['updates_per_min']:.1f} updates/min, "
                   f"peak {runs[-1]['peak_rss_gib']:.2f} GiB", flush=True)
-        results["sim"] = runs
+            results["sim"] = runs
+            save()
     save()
     print(markdown(results))
     print(f"written {out_dir}/bench-{args.size}.json and .md ({time.time() - t0:.0f} s)")
