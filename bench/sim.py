@@ -17,14 +17,15 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
              work_dir: Path, timeout: float = 600, **overrides) -> dict:
     """One federated run; rounds 2..R-1 are the steady state (round 1 also starts the client
     process and loads everything; round R adds the client evaluation)."""
-    out = work_dir / f"{backbone}-{num_supernodes}"
+    name = f"{backbone}-{num_supernodes}x{clients_per_round}"
+    out = work_dir / name
     run_config = {
         "backbone": backbone, "output-dir": str(out), "cache-dir": str(ROOT / ".cache" / "fedgen"),
         "num-server-rounds": rounds, "fraction-train": clients_per_round / num_supernodes,
         "fraction-evaluate": 1 / num_supernodes, "evaluate-every": rounds,
         "checkpoint-every": rounds, "personalize-clients": 0, "eval-max-batches": 1, **overrides}
     t = time.time()
-    with LocalSuperLink(work_dir / f"flwr-home-{backbone}-{num_supernodes}",
+    with LocalSuperLink(work_dir / f"flwr-home-{name}",
                         report_memory=True) as link:
         code = link.run(run_config, num_supernodes, timeout=timeout)
     wall = time.time() - t
