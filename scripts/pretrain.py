@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from task.config import RunConfig  # noqa: E402
-from task.image_train import backbone_dir, load_generator_backbone, pretrain  # noqa: E402
+from task.image_train import backbone_dir, load_generator_backbone  # noqa: E402
 
 
 def run_config(args: list[str]) -> RunConfig:
