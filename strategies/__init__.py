@@ -67,6 +67,10 @@ STRATEGIES: dict[str, Entry] = {
 }
 
 
+# Issue 8's methods work on B @ A of linear layers (the text task's q and v projections).
+LINEAR_LORA_ONLY = ("ffa-lora", "fedex-lora", "flora", "fedsa-lora", "hetlora")
+
+
 def strategy_entry(cfg: RunConfig) -> Entry:
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(f"run-config key 'strategy' = {cfg.strategy!r}: must be one of "
@@ -88,6 +92,9 @@ def _check_combination(cfg: RunConfig, entry: Entry) -> None:
         raise ConfigError(f"run-config key '{key}' = {getattr(cfg, key.replace('-', '_'))!r}: "
                           f"not supported with strategy {cfg.strategy!r} ({why})")
 
+    if cfg.task == "image" and cfg.strategy in LINEAR_LORA_ONLY:
+        refuse("strategy", "its LoRA products are defined for linear layers; the image task "
+                           "adapts convolutions")
     if entry.server is not None and issubclass(entry.server, RankAwareLoRA):
         why = "its server aggregates per-rank adapters itself"
         for key, off in (("aggregation", "mean"), ("dp-noise-multiplier", 0.0),

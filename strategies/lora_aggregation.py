@@ -52,6 +52,12 @@ def to_record(state: NpState) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in state.items()})
 
 
+def _linear(state: NpState) -> NpState:
+    """The LoRA pairs of linear layers (2-D A and B): the error is measured on B @ A there; the
+    image task's convolution adapters (4-D kernels) are left out of the figure."""
+    return {k: v for k, v in state.items() if v.ndim == 2}
+
+
 class MeasuredFedAvg(FedAvg):
     """FedAvg that records the round's aggregation error. ``fixed_arrays``: adapter tensors that
     are not uploaded but are part of every client's product (ffa-lora's frozen A)."""
@@ -64,10 +70,10 @@ class MeasuredFedAvg(FedAvg):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None and isinstance(self, FedGenStrategy):
-            states = [{**self.fixed_arrays, **to_numpy(m.content[self.arrayrecord_key])}
+            states = [_linear({**self.fixed_arrays, **to_numpy(m.content[self.arrayrecord_key])})
                       for m in replies]
             weights = [float(_single_metrics(m.content)[self.weighted_by_key]) for m in replies]
-            aggregated = {**self.fixed_arrays, **to_numpy(arrays)}
+            aggregated = _linear({**self.fixed_arrays, **to_numpy(arrays)})
             if lora_prefixes(aggregated):
                 self._stats(server_round)["aggregation_error"] = product_error(
                     products(aggregated), mean_of_products(states, weights))
