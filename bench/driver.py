@@ -39,7 +39,7 @@ def federate(cfg: RunConfig, num_partitions: int, partitions_per_round: list[lis
     stats = {"upload_bytes": [], "client_s": [], "server_s": []}
     for rnd, partitions in enumerate(partitions_per_round, start=1):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
-        strategy.sent_arrays = arrays
+        strategy._sent_arrays, strategy._reference = arrays, None  # what configure_train records
         replies = []
         for pid in partitions:
             ctx = contexts.setdefault(pid, Context(run_id=1, node_id=pid + 1, node_config={
