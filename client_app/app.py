@@ -17,6 +17,7 @@ from client_app.image import evaluate_image
 from strategies import is_full_model, strategy_entry
 from task.compression import compress_upload
 from task.config import RunConfig
+from task.image_train import kept_discriminator
 from task.lora_ops import client_rank
 from task.model import (
     load_tokenizer,
@@ -63,7 +64,8 @@ def train(msg: Message, context: Context) -> Message:
     malicious = partition_id in malicious_partitions(cfg, node.num_partitions)
     if malicious and cfg.attack == "backdoor":
         train_blocks = backdoor_blocks(cfg, train_blocks, load_tokenizer(cfg), seed)
-    with node_state_dir(node.run_state_path(context.run_id)):  # the personal adapter's home
+    with node_state_dir(node.run_state_path(context.run_id)), \
+            kept_discriminator(_discriminator_file(cfg, partition_id)):  # the client's own state
         upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
                                                                train_blocks, seed, config)
         if malicious and upload is not None:  # simulated poisoning (attack, attack-fraction)
@@ -80,6 +82,13 @@ def train(msg: Message, context: Context) -> Message:
     if upload is not None:
         content["arrays"] = ArrayRecord(upload)
     return Message(content, reply_to=msg)
+
+
+def _discriminator_file(cfg: RunConfig, partition_id: int):
+    """Image task: where the client keeps its private discriminator (beside its personal adapter)."""
+    if cfg.task != "image" or not cfg.gan_keep_discriminator:
+        return None
+    return personal_adapter_dir(cfg, partition_id).parent / "discriminator.pt"
 
 
 @app.query()
@@ -109,7 +118,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, received, (train_blocks, test_blocks) = _setup(msg, context)
     partition_id = node.partition_id
     module = strategy_entry(cfg).module
-    with node_state_dir(node.run_state_path(context.run_id)):
+    with node_state_dir(node.run_state_path(context.run_id)), \
+            kept_discriminator(_discriminator_file(cfg, partition_id)):
         if cfg.task == "image":  # FID on the client's own classes (client_app/image.py)
             metrics = evaluate_image(cfg, partition_id, received, train_blocks, test_blocks, config)
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -110,6 +110,7 @@ class RunConfig:
     gan_generator_width: int = 32
     gan_discriminator_width: int = 32
     gan_discriminator_learning_rate: float = 2e-4
+    gan_keep_discriminator: bool = True
     pretrain_steps: int = 1500
     pretrain_fraction: float = 0.1
     fid_images: int = 128

@@ -7,14 +7,16 @@ steps, and caches both under ``<cache-dir>/backbones/`` with the cost (seconds, 
 in a JSON beside them. Every later run with the same settings loads the cache; the federated
 run freezes the generator and federates only LoRA adapters.
 
-The discriminator's fate: it is never federated. Each client, for each local training call,
-fine-tunes a private copy of the pre-trained discriminator on its own data next to the
-generator adapter, and drops it afterwards. Why: (1) only the generator is the model users
-want, so only its adapter needs to travel (the discriminator would add 1.8M parameters to
-every upload at the paper size); (2) a discriminator that saw one client's one or two classes
-is useless to the others; (3) restarting from the pre-trained critic, which matches the frozen
-generator, each round keeps clients stateless (a Flower deployment starts a fresh process for
-every message) and avoids a stale critic from rounds ago.
+The discriminator's fate: it is never federated. Each client trains a private discriminator
+next to the generator adapter; it starts as a copy of the pre-trained one and, with
+``gan-keep-discriminator`` (the default), persists between rounds in the client's state folder
+beside its personal adapter (``discriminator.pt``). Why private: (1) only the generator is the
+model users want, so only its adapter needs to travel (the discriminator would add 1.8M
+parameters to every upload at the paper size); (2) a discriminator that saw one client's one or
+two classes is useless to the others. Why kept: a critic restarted from the pre-training copy
+every round has not seen how the global generator moved, and its few local steps give the
+adapter the gradients of a stale critic; measured on the offline run, federated FID stayed flat
+with a fresh copy per round and fell with the kept one (docs/image/report.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -138,11 +142,28 @@ def base_generator(model: nn.Module) -> ConditionalGenerator | None:
     return base if isinstance(base, ConditionalGenerator) else None
 
 
+# The client's kept discriminator file for the call being handled (set by the ClientApp; a
+# context variable, so concurrent calls in one process cannot mix them up). None: a fresh copy.
+_DISCRIMINATOR_FILE: ContextVar[Path | None] = ContextVar("discriminator_file", default=None)
+
+
+@contextmanager
+def kept_discriminator(path: Path | None):
+    """Within the block, local GAN training starts from and saves back to ``path``."""
+    token = _DISCRIMINATOR_FILE.set(path)
+    try:
+        yield
+    finally:
+        _DISCRIMINATOR_FILE.reset(token)
+
+
 def private_discriminator(generator: ConditionalGenerator) -> ConditionalDiscriminator:
-    """A fresh copy of the pre-trained discriminator for one client's local training."""
+    """The client's discriminator: its kept one if it has one, else a copy of the pre-trained."""
     c = generator.config
     disc = ConditionalDiscriminator(c.num_classes, c.channels, generator.discriminator_width)
-    disc.load_state_dict(generator.discriminator_state)
+    path = _DISCRIMINATOR_FILE.get()
+    kept = path is not None and path.exists()
+    disc.load_state_dict(torch.load(path, weights_only=True) if kept else generator.discriminator_state)
     return disc
 
 
@@ -183,6 +204,8 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
         if not losses:
             raise ValueError(f"{len(rows)} images are too few for one training step")
     model.eval()
+    if _DISCRIMINATOR_FILE.get() is not None:
+        save_module(discriminator, _DISCRIMINATOR_FILE.get())
     return sum(losses) / len(losses)
 
 

@@ -86,6 +86,35 @@ def test_training_changes_only_the_generator_adapter(tmp_path):
     assert all(torch.equal(v, model.get_base_model().discriminator_state[k]) for k, v in disc_before.items())
 
 
+def test_a_client_keeps_its_discriminator_between_training_calls(tmp_path):
+    from task.image_train import kept_discriminator, private_discriminator
+    from task.model import initial_adapter_state, set_adapter_state, shared_lora_model
+    from task.train import train_local
+
+    cfg = image_cfg(tmp_path)
+    model = shared_lora_model(cfg)
+    generator = model.get_base_model()
+    train_rows, _ = client_image_rows(cfg, 0, 10)
+    path = tmp_path / "client-0000" / "discriminator.pt"
+
+    def train_call(seed: int) -> None:
+        set_adapter_state(model, initial_adapter_state(cfg))
+        train_local(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=2, seed=seed)
+
+    with kept_discriminator(path):
+        assert not path.exists()
+        train_call(1)  # starts from the pre-trained copy, saves the trained one
+        first = torch.load(path, weights_only=True)
+        assert any(not torch.equal(first[k], v) for k, v in generator.discriminator_state.items())
+        assert all(torch.equal(first[k], v) for k, v in private_discriminator(generator).state_dict().items())
+        train_call(2)  # starts from the kept one
+        second = torch.load(path, weights_only=True)
+        assert any(not torch.equal(first[k], second[k]) for k in first)
+    # without a kept file (gan-keep-discriminator = false) every call starts from the pre-trained copy
+    fresh = private_discriminator(generator).state_dict()
+    assert all(torch.equal(fresh[k], v) for k, v in generator.discriminator_state.items())
+
+
 def test_public_split_is_disjoint_and_dirichlet_skews_labels(tmp_path):
     cfg = image_cfg(tmp_path)
     public, pool = public_and_pool(cfg)
