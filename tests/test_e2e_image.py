@@ -46,6 +46,9 @@ def test_image_smoke_run_federates_generator_adapters_and_reports_fid(tmp_path):
     assert (out / "fid.png").stat().st_size > 0
     for r in (0, 1, 2):
         assert (out / "checkpoints" / f"round-{r:04d}" / "grid.png").stat().st_size > 0
+    # every client that trained keeps its private discriminator; none is ever uploaded
+    kept = list((out / "clients").glob("client-*/discriminator.pt"))
+    assert 5 <= len(kept) <= 10
 
     # The global adapter is a peft checkpoint (the transposed-conv LoRA registered on load).
     from task.image_model import LoraConvTranspose2d, image_lora_config
