@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulate import ROOT, LocalSuperLink, write_flower_home  # noqa: E402
 
 # Every client trains every round (10 of 10), so 10% = 1 attacker and 30% = 3 in each round.
-BASE = {"num-server-rounds": 3, "fraction-train": 1.0, "fraction-evaluate": 0.3,
+BASE = {"num-server-rounds": 2, "fraction-train": 1.0, "fraction-evaluate": 0.3,
         "evaluate-every": 3, "checkpoint-every": 1, "personalize-clients": 0, "max-steps": 2,
         "batch-size": 4, "seq-len": 32, "learning-rate": 0.03, "chunk-words": 400,
         "eval-max-batches": 4, "attack-scale": 10.0, "norm-bound": 0.5, "trim-fraction": 0.3}
@@ -44,6 +44,7 @@ def plan(quick: bool) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
     run, so a report cut short still covers every item): clean, 30% attackers, DP, then 10%."""
     runs = [(f"clean / {d}", {"aggregation": d}) for d in ("mean", "median")]
+    runs.append(("clean / mean, SecAgg+", {"secure-aggregation": True}))
     attacks = (("scaled", ("mean", "median")), ("sign-flip", ("mean", "trimmed-mean")),
                ("backdoor", ("mean", "norm-bound")))
     for fraction in (0.3,) if quick else (0.3, 0.1):
@@ -115,8 +116,8 @@ def _f(x, digits=2) -> str:
 
 def table(runs: list[dict], clean_ppl: float) -> str:
     lines = ["| run | defence | final global ppl | vs clean mean | backdoor top-1 | backdoor target NLL | "
-             "rejected | failures / retries / skipped | DP epsilon (delta) | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "rejected | failures / retries / skipped | DP epsilon (delta) | MB up / down | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         f, o = r["final"], r["overrides"]
         eps = f"{f['dp_epsilon']:.2f} ({o.get('dp-delta', 1e-5):g})" if f.get("dp_epsilon") is not None else "—"
@@ -125,7 +126,8 @@ def table(runs: list[dict], clean_ppl: float) -> str:
             f"{f['global_ppl'] / clean_ppl:.2f}x | {_f(f.get('backdoor_success'))} | "
             f"{_f(f.get('backdoor_target_nll'))} | {f.get('rejected_total', 0)} | "
             f"{f.get('failures_total', 0)} / {f.get('retries_total', 0)} / {f.get('skipped_rounds', 0)} | "
-            f"{eps} | {r['wall_s']:.0f} |")
+            f"{eps} | {f['upload_bytes_total'] / 1e6:.2f} / {f['download_bytes_total'] / 1e6:.2f} | "
+            f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -171,6 +173,7 @@ def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float
     (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     (out / "report.md").write_text(REPORT.format(
         backbone=args.backbone, clients=NUM_SUPERNODES, base=json.dumps(BASE),
+        rounds=BASE["num-server-rounds"],
         table=table(runs, clean), minutes=seconds / 60, status=status,
         command=" ".join(["python scripts/robustness.py"] + list(argv or sys.argv[1:]))))
 
@@ -179,7 +182,7 @@ REPORT = """# Robustness report
 
 `{command}` ({minutes:.1f} min on 2 shared CPU cores{status}): {backbone}, Shakespeare (LDA non-IID), {clients}
 clients, every client trains every round (so 10% = 1 and 30% = 3 malicious clients in every
-round), 3 rounds; base run config `{base}`.
+round), {rounds} rounds; base run config `{base}`.
 
 - Attacks (task/threats.py): `scaled` uploads g + 10 (u - g); `sign-flip` g - 10 (u - g);
   `backdoor` trains on its data with " thou art cursed banana" written into every block, then
@@ -192,6 +195,11 @@ round), 3 rounds; base run config `{base}`.
 - DP rows: clients clip their change to 0.5 (Flower's fixedclipping_mod), the server adds
   Gaussian noise z * 0.5 / n to the unweighted mean; epsilon from opacus' RDP accountant at
   sampling rate 1.0 (every client every round), delta 1e-5. The utility cost is the ppl column.
+- SecAgg+ row (strategies/secagg.py): every round's training runs through Flower's SecAgg+
+  (secaggplus_mod + SecAggPlusWorkflow); the server gets only the masked, quantized sum
+  (clipping range 1.0, 2**24 grid points). Its cost: the bytes of the four protocol stages
+  (masked integer vectors, keys, shares) and their wall time; its ppl vs `clean / mean` is the
+  quantization's effect.
 - Failure row: 30% of the sampled clients (5 of 10 per round) raise in every round; the server
   wants 4 valid replies and retries with clients not asked yet (max 2 retries). Resume row: the
   same run, its SuperLink killed once round 1 is checkpointed, restarted with `resume=true`:
