@@ -159,11 +159,14 @@ def run_round(settings: SecAggSettings, grid, server_round: int, messages: list[
     parameters = ndarrays_to_parameters([arrays[k].numpy() for k in keys])
     fit_config = {**{k: v for k, v in config.items()}, ADAPTER_KEYS: "\n".join(keys)}
     counting = _CountingGrid(grid)
-    strategy = _OneRound([GridClientProxy(n, counting, 0) for n in nodes], fit_config)
+    proxies = [GridClientProxy(n, counting, 0) for n in nodes]
+    strategy, manager = _OneRound(proxies, fit_config), SimpleClientManager()
+    for proxy in proxies:
+        manager.register(proxy)
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}),
                             config=ServerConfig(num_rounds=server_round), strategy=strategy,
-                            client_manager=SimpleClientManager())
+                            client_manager=manager)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
         {WorkflowKey.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
