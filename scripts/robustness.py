@@ -42,20 +42,20 @@ FAILURES = {"client-failure-rate": 0.3, "fraction-train": 0.5, "min-replies": 4,
 
 def plan(quick: bool) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
-    run, so a report cut short still covers every item): clean, 30% attackers, DP, then 10%."""
+    run, so a report cut short still covers most items): clean, SecAgg+, attackers (10%, then
+    30%), DP, failures, kill/resume."""
     runs = [(f"clean / {d}", {"aggregation": d}) for d in ("mean", "median")]
     runs.append(("clean / mean, SecAgg+", {"secure-aggregation": True}))
     attacks = (("scaled", ("mean", "median")), ("sign-flip", ("mean", "trimmed-mean")),
                ("backdoor", ("mean", "norm-bound")))
-    for fraction in (0.3,) if quick else (0.3, 0.1):
+    for fraction in (0.3,) if quick else (0.1, 0.3):
         for attack, defences in attacks:
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"attack": attack, "attack-fraction": fraction, "aggregation": d}))
-        if fraction == 0.3:
-            runs.append(("DP z=1.0 clip=0.5", {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5}))
-            runs.append(("30% clients fail, retry", FAILURES))
-            runs.append(("killed + resumed", {}))
+    runs.append(("DP z=1.0 clip=0.5", {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5}))
+    runs.append(("30% clients fail, retry", FAILURES))
+    runs.append(("killed + resumed", {}))
     return runs
 
 
