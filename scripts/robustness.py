@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "outputs" / "robustness"))
     parser.add_argument("--backbone", default="tiny-gpt2")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fedgen"))
+    parser.add_argument("--rounds", type=int, default=BASE["num-server-rounds"],
+                        help="federated rounds of every run")
     parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
     parser.add_argument("--only", default="", help="comma-separated run-name prefixes to run "
                         "(e.g. '30%% clients fail,killed' for the failure and resume rows)")
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, work = Path(args.out), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = {"backbone": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve())}
+    common = {"backbone": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve()),
+              "num-server-rounds": args.rounds}
     t0 = time.time()
     runs: list[dict] = []
     todo = plan(args.quick)
@@ -173,7 +176,7 @@ def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float
     (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     (out / "report.md").write_text(REPORT.format(
         backbone=args.backbone, clients=NUM_SUPERNODES, base=json.dumps(BASE),
-        rounds=BASE["num-server-rounds"],
+        rounds=args.rounds,
         table=table(runs, clean), minutes=seconds / 60, status=status,
         command=" ".join(["python scripts/robustness.py"] + list(argv or sys.argv[1:]))))
 
