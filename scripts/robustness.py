@@ -41,7 +41,7 @@ FAILURES = {"client-failure-rate": 0.3, "fraction-train": 0.5, "min-replies": 4,
             "on-too-few-replies": "retry", "max-retries": 2}
 
 
-def plan(quick: bool) -> list[tuple[str, dict]]:
+def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
     run, so a report cut short still covers most items): clean, SecAgg+, attackers (10%, then
     30%), DP, failures, kill/resume."""
@@ -54,7 +54,8 @@ def plan(quick: bool) -> list[tuple[str, dict]]:
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"attack": attack, "attack-fraction": fraction, "aggregation": d}))
-    runs.append(("DP z=1.0 clip=0.5", {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5}))
+    for z in dp_noise:
+        runs.append((f"DP z={z:g} clip=0.5", {"dp-noise-multiplier": z, "dp-clipping-norm": 0.5}))
     runs.append(("30% clients fail, retry", FAILURES))
     runs.append(("killed + resumed", {}))
     return runs
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="SuperNodes (clients) of every run; all of them train every round")
     parser.add_argument("--set", type=_assignment, action="append", default=[],
                         help="a run-config override for every run, e.g. learning-rate=0.003")
+    parser.add_argument("--dp-noise", default="1.0",
+                        help="comma-separated DP noise multipliers, one DP run each")
     parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
     parser.add_argument("--only", default="", help="comma-separated run-name prefixes to run "
                         "(e.g. '30%% clients fail,killed' for the failure and resume rows)")
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
               "num-server-rounds": args.rounds, **args.set}
     t0 = time.time()
     runs: list[dict] = []
-    todo = plan(args.quick)
+    todo = plan(args.quick, tuple(float(z) for z in args.dp_noise.split(",")))
     if args.only:
         todo = [(n, o) for n, o in todo if any(n.startswith(p) for p in args.only.split(","))]
     with LocalSuperLink(work / "flwr") as link:
