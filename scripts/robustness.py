@@ -55,7 +55,7 @@ def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, d
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"attack": attack, "attack-fraction": fraction, "aggregation": d}))
     for z in dp_noise:
-        runs.append((f"DP z={z:g} clip=0.5", {"dp-noise-multiplier": z, "dp-clipping-norm": 0.5}))
+        runs.append((f"DP z={z} clip=0.5", {"dp-noise-multiplier": z, "dp-clipping-norm": 0.5}))
     runs.append(("30% clients fail, retry", FAILURES))
     runs.append(("killed + resumed", {}))
     return runs
