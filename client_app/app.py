@@ -15,6 +15,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_app.image import evaluate_image
 from strategies import is_full_model, strategy_entry
+from strategies.secagg import secure_aggregation_mod
 from task.compression import compress_upload
 from task.config import RunConfig
 from task.image_train import kept_discriminator
@@ -52,7 +53,8 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-@app.train(mods=[dp_clipping_mod])
+# SecAgg+ first: it masks whatever the handler (and the DP mod under it) uploads.
+@app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, node, received, (train_blocks, _) = _setup(msg, context)
     partition_id = node.partition_id

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import tomli_w
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulate import ROOT, LocalSuperLink, write_flower_home  # noqa: E402
 
 # Every client trains every round (10 of 10), so 10% = 1 attacker and 30% = 3 in each round.
-BASE = {"num-server-rounds": 3, "fraction-train": 1.0, "fraction-evaluate": 0.3,
+BASE = {"num-server-rounds": 2, "fraction-train": 1.0, "fraction-evaluate": 0.3,
         "evaluate-every": 3, "checkpoint-every": 1, "personalize-clients": 0, "max-steps": 2,
         "batch-size": 4, "seq-len": 32, "learning-rate": 0.03, "chunk-words": 400,
         "eval-max-batches": 4, "attack-scale": 10.0, "norm-bound": 0.5, "trim-fraction": 0.3}
@@ -40,31 +41,34 @@ FAILURES = {"client-failure-rate": 0.3, "fraction-train": 0.5, "min-replies": 4,
             "on-too-few-replies": "retry", "max-retries": 2}
 
 
-def plan(quick: bool) -> list[tuple[str, dict]]:
+def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
-    run, so a report cut short still covers every item): clean, 30% attackers, DP, then 10%."""
+    run, so a report cut short still covers most items): clean, SecAgg+, attackers (10%, then
+    30%), DP, failures, kill/resume."""
     runs = [(f"clean / {d}", {"aggregation": d}) for d in ("mean", "median")]
+    runs.append(("clean / mean, SecAgg+", {"secure-aggregation": True}))
     attacks = (("scaled", ("mean", "median")), ("sign-flip", ("mean", "trimmed-mean")),
                ("backdoor", ("mean", "norm-bound")))
-    for fraction in (0.3,) if quick else (0.3, 0.1):
+    for fraction in (0.3,) if quick else (0.1, 0.3):
         for attack, defences in attacks:
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"attack": attack, "attack-fraction": fraction, "aggregation": d}))
-        if fraction == 0.3:
-            runs.append(("DP z=1.0 clip=0.5", {"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5}))
-            runs.append(("30% clients fail, retry", FAILURES))
-            runs.append(("killed + resumed", {}))
+    for z in dp_noise:
+        runs.append((f"DP z={z} clip=0.5", {"dp-noise-multiplier": z, "dp-clipping-norm": 0.5}))
+    runs.append(("30% clients fail, retry", FAILURES))
+    runs.append(("killed + resumed", {}))
     return runs
 
 
-def run_one(link: LocalSuperLink, work: Path, name: str, overrides: dict, common: dict) -> dict:
+def run_one(link: LocalSuperLink, work: Path, name: str, overrides: dict, common: dict,
+            clients: int = NUM_SUPERNODES) -> dict:
     out = work / name.replace(" ", "").replace("/", "_").replace("%", "pct").replace("=", "")
     config = {**BASE, **common, **overrides, "output-dir": str(out)}
     if not overrides.get("resume"):
         shutil.rmtree(out, ignore_errors=True)  # nothing from an earlier report run
     t0 = time.time()
-    code = link.run(config, NUM_SUPERNODES, timeout=900)
+    code = link.run(config, clients, timeout=900)
     if code != 0:
         raise RuntimeError(f"run {name!r} failed with exit code {code}")
     results = json.loads((out / "results.json").read_text())
@@ -73,7 +77,8 @@ def run_one(link: LocalSuperLink, work: Path, name: str, overrides: dict, common
             "rounds": results["rounds"]}
 
 
-def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: dict) -> dict:
+def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: dict,
+                    clients: int = NUM_SUPERNODES) -> dict:
     """The failure run again, on a SuperLink of its own that is stopped (with the ServerApp
     and every client process under it: a crash) once round 1 is checkpointed; then the run is
     restarted with resume = true and its final adapter compared with the uninterrupted one."""
@@ -82,7 +87,7 @@ def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: d
     shutil.rmtree(out, ignore_errors=True)
     killed_at = None
     with LocalSuperLink(work / "flwr-killed") as doomed:
-        write_flower_home(doomed.home, doomed.port, NUM_SUPERNODES, doomed.num_cpus)
+        write_flower_home(doomed.home, doomed.port, clients, doomed.num_cpus)
         path = doomed.home / "run-config.toml"
         path.write_text(tomli_w.dumps(config))
         proc = subprocess.Popen([str(doomed.bin_dir / "flwr"), "run", str(ROOT), "fedgen",
@@ -99,7 +104,7 @@ def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: d
     proc.wait(timeout=60)
     if killed_at is None:
         raise RuntimeError("the run to kill ended before its round 1 checkpoint")
-    resumed = run_one(link, work, "resume", {**FAILURES, "resume": True}, common)
+    resumed = run_one(link, work, "resume", {**FAILURES, "resume": True}, common, clients)
     resumed["overrides"] = {**FAILURES, "resume": True}
     a = load_file(str(Path(reference["out"]) / "global-adapter" / "adapter_model.safetensors"))
     b = load_file(str(out / "global-adapter" / "adapter_model.safetensors"))
@@ -109,14 +114,23 @@ def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: d
     return resumed
 
 
+def _assignment(text: str) -> dict:
+    """``key=value`` with a TOML value (a bare word is a string)."""
+    key, _, value = text.partition("=")
+    try:
+        return {key.strip(): tomllib.loads(f"v = {value}")["v"]}
+    except tomllib.TOMLDecodeError:
+        return {key.strip(): value}
+
+
 def _f(x, digits=2) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def table(runs: list[dict], clean_ppl: float) -> str:
     lines = ["| run | defence | final global ppl | vs clean mean | backdoor top-1 | backdoor target NLL | "
-             "rejected | failures / retries / skipped | DP epsilon (delta) | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "rejected | failures / retries / skipped | DP epsilon (delta) | MB up / down | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         f, o = r["final"], r["overrides"]
         eps = f"{f['dp_epsilon']:.2f} ({o.get('dp-delta', 1e-5):g})" if f.get("dp_epsilon") is not None else "—"
@@ -125,7 +139,8 @@ def table(runs: list[dict], clean_ppl: float) -> str:
             f"{f['global_ppl'] / clean_ppl:.2f}x | {_f(f.get('backdoor_success'))} | "
             f"{_f(f.get('backdoor_target_nll'))} | {f.get('rejected_total', 0)} | "
             f"{f.get('failures_total', 0)} / {f.get('retries_total', 0)} / {f.get('skipped_rounds', 0)} | "
-            f"{eps} | {r['wall_s']:.0f} |")
+            f"{eps} | {f['upload_bytes_total'] / 1e6:.2f} / {f['download_bytes_total'] / 1e6:.2f} | "
+            f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -135,30 +150,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(ROOT / "outputs" / "robustness"))
     parser.add_argument("--backbone", default="tiny-gpt2")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fedgen"))
+    parser.add_argument("--rounds", type=int, default=BASE["num-server-rounds"],
+                        help="federated rounds of every run")
+    parser.add_argument("--clients", type=int, default=NUM_SUPERNODES,
+                        help="SuperNodes (clients) of every run; all of them train every round")
+    parser.add_argument("--set", type=_assignment, action="append", default=[],
+                        help="a run-config override for every run, e.g. learning-rate=0.003")
+    parser.add_argument("--dp-noise", default="1.0",
+                        help="comma-separated DP noise multipliers, one DP run each")
     parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
     parser.add_argument("--only", default="", help="comma-separated run-name prefixes to run "
                         "(e.g. '30%% clients fail,killed' for the failure and resume rows)")
     args = parser.parse_args(argv)
+    args.set = {k: v for item in args.set for k, v in item.items()}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, work = Path(args.out), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = {"backbone": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve())}
+    common = {"backbone": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve()),
+              "num-server-rounds": args.rounds, **args.set}
     t0 = time.time()
     runs: list[dict] = []
-    todo = plan(args.quick)
+    todo = plan(args.quick, tuple(float(z) for z in args.dp_noise.split(",")))
     if args.only:
         todo = [(n, o) for n, o in todo if any(n.startswith(p) for p in args.only.split(","))]
     with LocalSuperLink(work / "flwr") as link:
         for name, overrides in todo:
             if name == "killed + resumed":
                 failure = next(r for r in runs if r["overrides"] == FAILURES)
-                run = kill_and_resume(link, work, common, failure)
+                run = kill_and_resume(link, work, common, failure, args.clients)
                 run["name"] = (f"same, killed after round {run['killed_after_round']}, resumed "
                                f"(max abs diff of the final adapter vs uninterrupted: "
                                f"{run['max_abs_diff_vs_uninterrupted']:g}; rounds recorded "
                                f"{run['rounds_recorded']})")
             else:
-                run = run_one(link, work, name, overrides, common)
+                run = run_one(link, work, name, overrides, common, args.clients)
             runs.append(run)
             write_report(out, args, runs, len(todo), time.time() - t0, argv)
     print((out / "report.md").read_text())
@@ -170,7 +195,8 @@ def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float
     status = "" if len(runs) == planned else f" — partial: {len(runs)} of {planned} runs"
     (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
     (out / "report.md").write_text(REPORT.format(
-        backbone=args.backbone, clients=NUM_SUPERNODES, base=json.dumps(BASE),
+        backbone=args.backbone, clients=args.clients, base=json.dumps({**BASE, **args.set, "num-server-rounds": args.rounds}),
+        rounds=args.rounds, c10=round(0.1 * args.clients), c30=round(0.3 * args.clients),
         table=table(runs, clean), minutes=seconds / 60, status=status,
         command=" ".join(["python scripts/robustness.py"] + list(argv or sys.argv[1:]))))
 
@@ -178,8 +204,8 @@ def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float
 REPORT = """# Robustness report
 
 `{command}` ({minutes:.1f} min on 2 shared CPU cores{status}): {backbone}, Shakespeare (LDA non-IID), {clients}
-clients, every client trains every round (so 10% = 1 and 30% = 3 malicious clients in every
-round), 3 rounds; base run config `{base}`.
+clients, every client trains every round (so 10% = {c10} and 30% = {c30} malicious clients in
+every round), {rounds} rounds; base run config `{base}`.
 
 - Attacks (task/threats.py): `scaled` uploads g + 10 (u - g); `sign-flip` g - 10 (u - g);
   `backdoor` trains on its data with " thou art cursed banana" written into every block, then
@@ -192,7 +218,12 @@ round), 3 rounds; base run config `{base}`.
 - DP rows: clients clip their change to 0.5 (Flower's fixedclipping_mod), the server adds
   Gaussian noise z * 0.5 / n to the unweighted mean; epsilon from opacus' RDP accountant at
   sampling rate 1.0 (every client every round), delta 1e-5. The utility cost is the ppl column.
-- Failure row: 30% of the sampled clients (5 of 10 per round) raise in every round; the server
+- SecAgg+ row (strategies/secagg.py): every round's training runs through Flower's SecAgg+
+  (secaggplus_mod + SecAggPlusWorkflow); the server gets only the masked, quantized sum
+  (clipping range 1.0, 2**24 grid points). Its cost: the bytes of the four protocol stages
+  (masked integer vectors, keys, shares) and their wall time; its ppl vs `clean / mean` is the
+  quantization's effect.
+- Failure row: 30% of the sampled clients (half of the clients per round) raise in every round; the server
   wants 4 valid replies and retries with clients not asked yet (max 2 retries). Resume row: the
   same run, its SuperLink killed once round 1 is checkpointed, restarted with `resume=true`:
   every round is in results.json (nothing lost) and the final adapter is compared bit for bit.

@@ -106,6 +106,32 @@ def _check_combination(cfg: RunConfig, entry: Entry) -> None:
             refuse("resume", "its server-side state is not in the checkpoint")
     if cfg.dp_noise_multiplier and cfg.upload_compression != "none":
         refuse("upload-compression", "DP clips the plain adapter change; compress without DP")
+    if cfg.secure_aggregation:
+        _check_secure_aggregation(cfg, entry)
+
+
+def _check_secure_aggregation(cfg: RunConfig, entry: Entry) -> None:
+    """SecAgg+ gives the server only the masked sum of the updates: whatever needs one
+    client's update in the clear cannot run with it (strategies/secagg.py)."""
+    from strategies.lora_aggregation import RankAwareLoRA
+
+    def refuse(key: str, why: str) -> None:
+        raise ConfigError(f"run-config key '{key}' = {getattr(cfg, key.replace('-', '_'))!r}: "
+                          f"not supported with secure-aggregation = true ({why})")
+
+    if cfg.task != "lm":
+        refuse("task", "the image task's server loop does not run SecAgg+")
+    if entry.server is None or cfg.strategy == "local-only":
+        refuse("strategy", "nothing is aggregated")
+    if getattr(entry.module, "FULL_MODEL", False) or issubclass(entry.server, RankAwareLoRA):
+        refuse("strategy", "SecAgg+ sums one adapter of fixed shape within its clipping "
+                           "range; this strategy moves full weights or per-rank adapters")
+    why = "the server never sees one client's update, only the masked sum"
+    for key, off in (("aggregation", "mean"), ("max-update-norm", 0.0),
+                     ("dp-noise-multiplier", 0.0), ("upload-compression", "none"),
+                     ("on-too-few-replies", "skip")):
+        if getattr(cfg, key.replace('-', '_')) != off:
+            refuse(key, why)
 
 
 def is_full_model(cfg: RunConfig) -> bool:
@@ -121,4 +147,8 @@ def build_strategy(cfg: RunConfig, initial_arrays: ArrayRecord):
         min_available_nodes=cfg.min_available_nodes,
         **entry.flower_kwargs(cfg))
     strategy.robustness = Robustness.from_config(cfg)  # issue 6: defences, retries, DP
+    if cfg.secure_aggregation:  # issue 6: SecAgg+ (strategies/secagg.py)
+        from strategies.secagg import SecAggSettings
+
+        strategy.secure = SecAggSettings.from_config(cfg)
     return strategy

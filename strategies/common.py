@@ -257,7 +257,14 @@ class FedGenStrategy:
         if self.robustness.dp_noise_multiplier:  # clients clip to it (client_app's DP mod)
             config[KEY_CLIPPING_NORM] = self.robustness.dp_clipping_norm
         messages = super().configure_train(server_round, arrays, config, grid)
-        return self._resample(messages, server_round, self.fraction_train, grid, train=True)
+        messages = self._resample(messages, server_round, self.fraction_train, grid, train=True)
+        if self.secure is not None:  # SecAgg+ runs the round's training (strategies/secagg.py)
+            from strategies import secagg
+
+            self._secure_round = secagg.run_round(self.secure, grid, server_round, messages) \
+                if messages else None
+            return []  # nothing goes out in the clear
+        return messages
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         server_round += self.round_offset
@@ -269,6 +276,11 @@ class FedGenStrategy:
     def aggregate_train(self, server_round, replies):
         server_round += self.round_offset
         stats = self._stats(server_round)
+        if self.secure is not None:  # only the masked sum came back: no per-client screening
+            from strategies import secagg
+
+            return secagg.aggregate_round(self, server_round, stats, self._secure_round,
+                                          super().aggregate_train)
         valid = self._collect_replies(server_round, list(replies), stats)
         stats["num_updates"] = len(valid)
         if len(valid) < max(1, self.robustness.min_replies):
@@ -308,6 +320,8 @@ class FedGenStrategy:
 
     # ---- Robustness and privacy (issue 6): screening, retries, robust/DP aggregation.
     robustness = Robustness()
+    secure = None  # strategies.secagg.SecAggSettings with secure-aggregation = true
+    _secure_round = None  # this round's SecAgg+ result (configure_train -> aggregate_train)
     round_offset = 0  # resumed run: Flower counts rounds from 1 again, the real round is offset
 
     def _collect_replies(self, server_round: int, replies: list[Message], stats: dict) -> list:

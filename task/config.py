@@ -116,6 +116,13 @@ class RunConfig:
     fid_images: int = 128
     client_fid_images: int = 64
     image_torch_threads: int = 1
+    # Secure aggregation (issue 6): Flower's SecAgg+, see strategies/secagg.py.
+    secure_aggregation: bool = False
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.5
+    secagg_clipping_range: float = 1.0
+    secagg_quantization_range: int = 16777216
+    secagg_max_weight: float = 10000.0
 
     @staticmethod
     def key_of(field_name: str) -> str:
@@ -200,6 +207,7 @@ class RunConfig:
              f"must be one of {UPLOAD_CODECS}")
         need(0.0 < self.upload_topk_fraction <= 1.0, "upload-topk-fraction", "must be in (0, 1]")
         self._validate_robustness(need)
+        self._validate_secure_aggregation(need)
 
     def _validate_robustness(self, need) -> None:
         """Issue 6 keys: defences, attacks, failures, DP."""
@@ -223,6 +231,17 @@ class RunConfig:
         need(self.dp_noise_multiplier == 0 or self.aggregation == "mean", "aggregation",
              "differential privacy (dp-noise-multiplier > 0) needs aggregation 'mean' "
              "(the noise is calibrated to the mean of clipped updates)")
+
+    def _validate_secure_aggregation(self, need) -> None:
+        """Issue 6's SecAgg+ keys (the combinations with other options: strategies/__init__.py)."""
+        need(0.0 < self.secagg_num_shares <= 1.0, "secagg-num-shares",
+             "must be in (0, 1]: a share of the round's sampled clients")
+        need(0.0 < self.secagg_reconstruction_threshold <= 1.0, "secagg-reconstruction-threshold",
+             "must be in (0, 1]: a share of secagg-num-shares")
+        need(self.secagg_clipping_range > 0, "secagg-clipping-range", "must be > 0")
+        need(2 <= self.secagg_quantization_range < 2**31, "secagg-quantization-range",
+             "must be in [2, 2**31) (masked sums of every client live modulo 2**32)")
+        need(self.secagg_max_weight > 0, "secagg-max-weight", "must be > 0")
 
     # Paths: relative ones resolve under FEDGEN_EDGE_HOME (default ~/.fedgen-edge), because the
     # apps run from a bundle copy whose working directory is not the user's checkout.
