@@ -35,7 +35,7 @@ SIZES = {  # "tiny": every measurement on tiny-gpt2, a minute or two: checks the
     "tiny": dict(backbone="tiny-gpt2", step_steps=2, calls=2, codec_clients=2, codec_rounds=2,
                  codec_steps=1, tiny_rounds=3, tiny_clients=4, smol_rounds=3, smol_clients=2),
     "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=2, codec_rounds=2, codec_steps=2,
-                  tiny_rounds=4, tiny_clients=10, smol_rounds=3, smol_clients=2),
+                  tiny_rounds=3, tiny_clients=10, smol_rounds=3, smol_clients=2),
     "full": dict(backbone="smollm2-135m", step_steps=8, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
                  tiny_rounds=6, tiny_clients=10, smol_rounds=4, smol_clients=10),
 }
@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true",
                         help="keep the sections not re-measured from the existing JSON in --out")
+    parser.add_argument("--sim-runs", default="100,10,tiny",
+                        help="simulation runs: 100 / 10 = the size's backbone with 100 / 10 "
+                             "clients, tiny = tiny-gpt2 with 10 (with --merge, one at a time "
+                             "fits a busy machine's 10-minute slot)")
     args = parser.parse_args(argv)
     # A timeout's SIGTERM must unwind through the simulation's LocalSuperLink, which stops the
     # SuperLink and Ray processes of its run (killed outright, they would outlive the harness).
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     existing = out_dir / f"bench-{args.size}.json"
     if args.merge and existing.exists():  # the earlier run's sections, start and machine
         results = {**json.loads(existing.read_text()), "params": p}
-        for section in only:  # re-measured below; one that fails must not show old figures
+        for section in only - {"sim"}:  # re-measured below; a failure must not show old figures
             results.pop({"peak": "matmul_peak"}.get(section, section), None)
         results["errors"] = [e for e in results.get("errors", [])
                              if e.split()[0].rstrip(":") not in only]
@@ -175,20 +179,25 @@ def main(argv: list[str] | None = None) -> int:
 
         begin("sim")
         print("simulation engine", flush=True)
-        runs = []
-        for backbone, nodes, per_round, rounds in (
-                (p["backbone"], 100, p["smol_clients"], p["smol_rounds"]),
-                (p["backbone"], 10, p["smol_clients"], p["smol_rounds"]),
-                ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"])):
+        runs = results.get("sim", [])  # --merge: a run measured again replaces its old figures
+        chosen = args.sim_runs.split(",")
+        for name, (backbone, nodes, per_round, rounds) in (
+                ("100", (p["backbone"], 100, p["smol_clients"], p["smol_rounds"])),
+                ("10", (p["backbone"], 10, p["smol_clients"], p["smol_rounds"])),
+                ("tiny", ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"]))):
+            if name not in chosen:
+                continue
             try:
                 with heavy(args.lock):
-                    runs.append(simulate(backbone, nodes, per_round, rounds, work))
+                    run = simulate(backbone, nodes, per_round, rounds, work)
+                runs = [r for r in runs if (r["backbone"], r["num_supernodes"]) != (backbone, nodes)]
+                runs.append(run)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other figures
                 print(f"  {backbone} x{nodes} failed: {err}", flush=True)
                 results.setdefault("errors", []).append(f"sim {backbone} x{nodes}: {err}")
                 continue
-            print(f"  {backbone} x{nodes}: {runs[-1]['updates_per_min']:.1f} updates/min, "
-                  f"peak {runs[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+            print(f"  {backbone} x{nodes}: {run['updates_per_min']:.1f} updates/min, "
+                  f"peak {run['peak_rss_gib']:.2f} GiB", flush=True)
             results["sim"] = runs
             save()
     save()

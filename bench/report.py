@@ -124,7 +124,8 @@ def markdown(r: dict) -> str:
             rows.append([s["backbone"], s["num_supernodes"], s["clients_per_round"],
                          f"{s['updates_per_min']:.1f}", _gflops(rate) if step else "",
                          f"{100 * rate / peak:.1f}%" if step and peak else "",
-                         " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}"])
+                         " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}",
+                         s.get("started", r.get("started", ""))[11:16]])
         lines += ["## Throughput in the simulation engine", "",
                   "Real `flwr run`s (scripts/simulate.py, one client actor on all cores); client "
                   f"updates per minute over the steady rounds (not the first, which starts the "
@@ -134,7 +135,7 @@ def markdown(r: dict) -> str:
                   "in the local-step section, over the rounds' wall time (which also holds the "
                   "server's aggregation and evaluation).", ""]
         lines += _table(["backbone", "clients", "per round", "updates/min", "training GFLOP/s",
-                         "% of matmul peak", "round wall s (0..R)", "run wall s"], rows)
+                         "% of matmul peak", "round wall s (0..R)", "run wall s", "started"], rows)
     costs = r.get("costs")
     if costs:
         cold, warm = costs["setup"]["cold"], costs["setup"]["warm"]

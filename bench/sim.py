@@ -69,6 +69,7 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
                            f"{sum(n for n, _ in sampled)} sampled")
     tokens = sum(t for _, t in sampled)
     return {"backbone": backbone, "num_supernodes": num_supernodes,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t)),
             "clients_per_round": clients_per_round, "rounds": rounds,
             "peak_rss_gib": link.watcher.peak_bytes / 2**30, "wall_s": wall,
             "round_wall_s": [r["wall_s"] for r in results["rounds"]],
