@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true",
                         help="keep the sections not re-measured from the existing JSON in --out")
+    parser.add_argument("--profile", default=None,
+                        help="folder: py-spy samples each simulation run's ServerApp and client "
+                             "actor at 20 Hz (bench/profile.py) and writes its summary there")
     parser.add_argument("--sim-runs", default="100,10,tiny",
                         help="simulation runs: 100 / 10 = the size's backbone with 100 / 10 "
                              "clients, tiny = tiny-gpt2 with 10 (with --merge, one at a time "
@@ -188,8 +191,24 @@ def main(argv: list[str] | None = None) -> int:
             if name not in chosen:
                 continue
             try:
+                samplers = None
+                if args.profile:
+                    from bench.profile import Samplers
+
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    samplers = Samplers(Path(args.profile), backbone)
                 with heavy(args.lock):
-                    run = simulate(backbone, nodes, per_round, rounds, work)
+                    try:
+                        run = simulate(backbone, nodes, per_round, rounds, work,
+                                       on_start=samplers.start if samplers else None)
+                    finally:
+                        if samplers:
+                            samplers.stop()
+                if samplers:
+                    from bench.profile import write_summary
+
+                    run["profiled"] = True
+                    write_summary(run, samplers, Path(args.profile))
                 runs = [r for r in runs if (r["backbone"], r["num_supernodes"]) != (backbone, nodes)]
                 runs.append(run)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other figures

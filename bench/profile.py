@@ -127,7 +127,7 @@ def markdown(summary: dict) -> str:
     rounds = r["rounds"]
     round_s = sum(r["round_wall_s"][1:]) / rounds
     lines = [f"## Where a simulation round's time goes ({r['backbone']}, py-spy)", "",
-             f"`python -m bench.profile`: one `flwr run` of {r['backbone']}, "
+             f"`python -m bench.profile` (or `python -m bench --profile DIR`): one `flwr run` of {r['backbone']}, "
              f"{r['num_supernodes']} clients, {r['clients_per_round']} per round, {rounds} rounds "
              f"(round wall {' / '.join(f'{x:.1f}' for x in r['round_wall_s'])} s, round 0 = "
              f"the server's initial evaluation), every process sampled by py-spy at {RATE} Hz; "
@@ -144,6 +144,19 @@ def markdown(summary: dict) -> str:
             f"{100 * s / rounds / round_s:.1f}%"
         lines.append(f"| {name} | {s:.1f} | {s / rounds:.2f} | {share} |")
     return "\n".join(lines) + "\n"
+
+
+def write_summary(run: dict, samplers: Samplers, out: Path) -> dict:
+    """profile-<backbone>.json and .md of one sampled run (bench.sim.simulate's result)."""
+    seconds = {}
+    for side in samplers.procs:
+        seconds.update(summarize(samplers.paths(side)[0], side, RATE))
+    summary = {"run": run, "rate": RATE, "load_avg": os.getloadavg()[0], "seconds": seconds,
+               "sampled": sorted(samplers.procs),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    (out / f"profile-{run['backbone']}.json").write_text(json.dumps(summary, indent=2))
+    (out / f"profile-{run['backbone']}.md").write_text(markdown(summary))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,14 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         samplers.stop()
         shutil.rmtree(work, ignore_errors=True)
-    seconds = {}
-    for side in samplers.procs:
-        seconds.update(summarize(samplers.paths(side)[0], side, RATE))
-    summary = {"run": run, "rate": RATE, "load_avg": os.getloadavg()[0], "seconds": seconds,
-               "sampled": sorted(samplers.procs),
-               "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    (out / f"profile-{args.backbone}.json").write_text(json.dumps(summary, indent=2))
-    (out / f"profile-{args.backbone}.md").write_text(markdown(summary))
+    summary = write_summary(run, samplers, out)
     print(markdown(summary))
     return 0
 

@@ -121,7 +121,8 @@ def markdown(r: dict) -> str:
             else:  # an older report: every update taken as max-steps full batches
                 rate = s["updates_per_min"] / 60 * step["flops_per_step"] * s["max_steps"] \
                     if step else math.nan
-            rows.append([s["backbone"], s["num_supernodes"], s["clients_per_round"],
+            rows.append([s["backbone"] + (" (py-spy attached)" if s.get("profiled") else ""),
+                         s["num_supernodes"], s["clients_per_round"],
                          f"{s['updates_per_min']:.1f}", _gflops(rate) if step else "",
                          f"{100 * rate / peak:.1f}%" if step and peak else "",
                          " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}",
