@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in chosen:
                 continue
             try:
+                # the yardstick of this run's FLOP rate, taken at the same load just before it
+                peak = run_worker("matmul_peak", args.lock)
                 samplers = None
                 if args.profile:
                     from bench.profile import Samplers
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
                     run["profiled"] = True
                     write_summary(run, samplers, Path(args.profile))
+                run["matmul_peak"] = peak
                 runs = [r for r in runs if (r["backbone"], r["num_supernodes"]) != (backbone, nodes)]
                 runs.append(run)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other figures

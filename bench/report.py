@@ -116,6 +116,7 @@ def markdown(r: dict) -> str:
         rows = []
         for s in sims:
             step = steps.get((s["backbone"], "lora"))
+            run_peak = s.get("matmul_peak", {}).get("flops_per_s", peak)  # taken just before it
             if step and "trained_tokens_per_s" in s:  # the tokens the sampled clients trained
                 rate = s["trained_tokens_per_s"] * step["flops_per_step"] / step["tokens"]
             else:  # an older report: every update taken as max-steps full batches
@@ -124,7 +125,7 @@ def markdown(r: dict) -> str:
             rows.append([s["backbone"] + (" (py-spy attached)" if s.get("profiled") else ""),
                          s["num_supernodes"], s["clients_per_round"],
                          f"{s['updates_per_min']:.1f}", _gflops(rate) if step else "",
-                         f"{100 * rate / peak:.1f}%" if step and peak else "",
+                         f"{100 * rate / run_peak:.1f}% of {_gflops(run_peak)}" if step and run_peak else "",
                          " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}",
                          s.get("started", r.get("started", ""))[11:16]])
         lines += ["## Throughput in the simulation engine", "",
@@ -136,7 +137,8 @@ def markdown(r: dict) -> str:
                   "in the local-step section, over the rounds' wall time (which also holds the "
                   "server's aggregation and evaluation).", ""]
         lines += _table(["backbone", "clients", "per round", "updates/min", "training GFLOP/s",
-                         "% of matmul peak", "round wall s (0..R)", "run wall s", "started"], rows)
+                         "% of matmul peak (GFLOP/s, measured just before the run)", "round wall s (0..R)", "run wall s",
+                         "started"], rows)
     costs = r.get("costs")
     if costs:
         cold, warm = costs["setup"]["cold"], costs["setup"]["warm"]
