@@ -1,9 +1,10 @@
 """FedGen-Edge benchmark: communication, shared backbone, local step, throughput, in one run.
 
-    .venv/bin/python -m bench --quick [--lock /tmp/fedgen-heavy.lock] [--only comm,step]
+    .venv/bin/python -m bench --quick [--lock /tmp/fedgen-heavy.lock] [--only comm,step] [--merge]
 
 Writes ``bench/results/bench-<size>.json`` (every raw figure) and ``bench-<size>.md`` (the
-tables). Each measurement runs in a fresh Python process (``bench.worker``), so its peak memory
+tables); ``--merge`` re-measures only the ``--only`` sections and keeps the others of the
+existing JSON in ``--out`` (each section records when and at what load it was measured). Each measurement runs in a fresh Python process (``bench.worker``), so its peak memory
 is its own; simulation runs are real ``flwr run``s on a SuperLink of their own. ``--lock`` takes
 an exclusive file lock around each heavy measurement (one at a time on a shared machine; each
 stays well under 10 minutes). ``--quick`` takes about 15 minutes on 2 CPU cores.
@@ -17,6 +18,7 @@ import fcntl
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,7 @@ SIZES = {  # "tiny": every measurement on tiny-gpt2, a minute or two: checks the
     "tiny": dict(backbone="tiny-gpt2", step_steps=2, calls=2, codec_clients=2, codec_rounds=2,
                  codec_steps=1, tiny_rounds=3, tiny_clients=4, smol_rounds=3, smol_clients=2),
     "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=2, codec_rounds=2, codec_steps=2,
-                  tiny_rounds=4, tiny_clients=10, smol_rounds=3, smol_clients=4),
+                  tiny_rounds=3, tiny_clients=10, smol_rounds=3, smol_clients=2),
     "full": dict(backbone="smollm2-135m", step_steps=8, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
                  tiny_rounds=6, tiny_clients=10, smol_rounds=4, smol_clients=10),
 }
@@ -78,7 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
     parser.add_argument("--lock", default=None, help="file lock held around each heavy measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections not re-measured from the existing JSON in --out")
+    parser.add_argument("--profile", default=None,
+                        help="folder: py-spy samples each simulation run's ServerApp and client "
+                             "actor at 20 Hz (bench/profile.py) and writes its summary there")
+    parser.add_argument("--sim-runs", default="100,10,tiny",
+                        help="simulation runs: 100 / 10 = the size's backbone with 100 / 10 "
+                             "clients, tiny = tiny-gpt2 with 10 (with --merge, one at a time "
+                             "fits a busy machine's 10-minute slot)")
     args = parser.parse_args(argv)
+    # A timeout's SIGTERM must unwind through the simulation's LocalSuperLink, which stops the
+    # SuperLink and Ray processes of its run (killed outright, they would outlive the harness).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.size = args.size or "quick"
     p = SIZES[args.size]
     only = set(args.only.split(","))
@@ -88,23 +102,46 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"size": args.size, "params": p, "machine": {
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "load_avg_at_start": os.getloadavg()}, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    existing = out_dir / f"bench-{args.size}.json"
+    if args.merge and existing.exists():  # the earlier run's sections, start and machine
+        results = {**json.loads(existing.read_text()), "params": p}
+        for section in only - {"sim"}:  # re-measured below; a failure must not show old figures
+            results.pop({"peak": "matmul_peak"}.get(section, section), None)
+        results["errors"] = [e for e in results.get("errors", [])
+                             if e.split()[0].rstrip(":") not in only]
+    sections = results.setdefault("sections", {})  # when, how long and at what load, each
     t0 = time.time()
     w = str(work)
 
+    current: dict[str, float] = {}  # the section being measured -> its start time
+
+    def begin(section: str) -> None:
+        current.clear()
+        current[section] = time.time()
+        sections[section] = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                             "load_avg": os.getloadavg()[0], "merged": args.merge}
+
     def save() -> None:
-        results["wall_s"] = time.time() - t0
+        for section, t in current.items():
+            sections[section]["wall_s"] = time.time() - t
+        if not args.merge:
+            results["wall_s"] = time.time() - t0
         (out_dir / f"bench-{args.size}.json").write_text(json.dumps(results, indent=2))
         (out_dir / f"bench-{args.size}.md").write_text(markdown(results))
 
     if "peak" in only:
+        begin("peak")
         print("matmul peak", flush=True)
         results["matmul_peak"] = run_worker("matmul_peak", args.lock)
+        save()
     if "comm" in only:
+        begin("comm")
         print("communication bytes", flush=True)
         results["comm"] = [run_worker("comm_bytes", args.lock, backbone=b, work_dir=w)
                            for b in (p["backbone"], "distilgpt2-shape")]
         save()
     if "codecs" in only:
+        begin("codecs")
         print("upload codecs vs perplexity", flush=True)
         results["codecs"] = run_worker(
             "compression_quality", args.lock, backbone=p["backbone"],
@@ -112,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds=p["codec_rounds"], max_steps=p["codec_steps"], work_dir=w)
         save()
     if "step" in only:
+        begin("step")
         print("local step: LoRA vs full fine-tuning", flush=True)
         results["step"] = [run_worker("local_step", args.lock, backbone=b, mode=m,
                                       steps=p["step_steps"], work_dir=w)
@@ -119,12 +157,14 @@ def main(argv: list[str] | None = None) -> int:
                                         ("tiny-gpt2", "lora"))[:3 if p["backbone"] != "tiny-gpt2" else 2]]
         save()
     if "backbone" in only:
+        begin("backbone")
         print("shared backbone vs reload per call", flush=True)
         results["backbone"] = [run_worker("client_calls", args.lock, backbone=p["backbone"],
                                           runtime=r, calls=p["calls"], work_dir=w)
                                for r in ("shared", "naive")]
         save()
     if "costs" in only:
+        begin("costs")
         print("runtime costs removed: before / after", flush=True)
         setup = {}
         for cold in (True, False):  # cold first: it writes the cache the warm run reads
@@ -140,21 +180,46 @@ def main(argv: list[str] | None = None) -> int:
     if "sim" in only:
         from bench.sim import simulate
 
+        begin("sim")
         print("simulation engine", flush=True)
-        runs = []
-        for backbone, nodes, per_round, rounds in (
-                ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"]),
-                (p["backbone"], 100, p["smol_clients"], p["smol_rounds"]),
-                (p["backbone"], 10, p["smol_clients"], p["smol_rounds"])):
+        runs = results.get("sim", [])  # --merge: a run measured again replaces its old figures
+        chosen = args.sim_runs.split(",")
+        for name, (backbone, nodes, per_round, rounds) in (
+                ("100", (p["backbone"], 100, p["smol_clients"], p["smol_rounds"])),
+                ("10", (p["backbone"], 10, p["smol_clients"], p["smol_rounds"])),
+                ("tiny", ("tiny-gpt2", 10, p["tiny_clients"], p["tiny_rounds"]))):
+            if name not in chosen:
+                continue
             try:
+                # the yardstick of this run's FLOP rate, taken at the same load just before it
+                peak = run_worker("matmul_peak", args.lock)
+                samplers = None
+                if args.profile:
+                    from bench.profile import Samplers
+
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    samplers = Samplers(Path(args.profile), backbone)
                 with heavy(args.lock):
-                    runs.append(simulate(backbone, nodes, per_round, rounds, work))
+                    try:
+                        run = simulate(backbone, nodes, per_round, rounds, work,
+                                       on_start=samplers.start if samplers else None)
+                    finally:
+                        if samplers:
+                            samplers.stop()
+                if samplers:
+                    from bench.profile import write_summary
+
+                    run["profiled"] = True
+                    write_summary(run, samplers, Path(args.profile))
+                run["matmul_peak"] = peak
+                runs = [r for r in runs if (r["backbone"], r["num_supernodes"]) != (backbone, nodes)]
+                runs.append(run)
             except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the other figures
                 print(f"  {backbone} x{nodes} failed: {err}", flush=True)
                 results.setdefault("errors", []).append(f"sim {backbone} x{nodes}: {err}")
                 continue
-            print(f"  {backbone} x{nodes}: {runs[-1]['updates_per_min']:.1f} updates/min, "
-                  f"peak {runs[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+            print(f"  {backbone} x{nodes}: {run['updates_per_min']:.1f} updates/min, "
+                  f"peak {run['peak_rss_gib']:.2f} GiB", flush=True)
             results["sim"] = runs
             save()
     save()

@@ -24,6 +24,11 @@ def markdown(r: dict) -> str:
              f"{', '.join(f'{x:.1f}' for x in r['machine']['load_avg_at_start'])} "
              f"(other jobs share this machine: timings are noisy); total {r.get('wall_s', 0):.0f} s.",
              ""]
+    later = {k: v for k, v in r.get("sections", {}).items() if v.get("merged")}
+    if later:  # sections re-measured into this report (--merge)
+        lines += ["Re-measured later (`--merge`): " + "; ".join(
+            f"{k} at {v['started']} (load average {v['load_avg']:.1f}, {v.get('wall_s', 0):.0f} s)"
+            for k, v in later.items()) + ".", ""]
     peak = r.get("matmul_peak", {}).get("flops_per_s")
     bb = r["params"]["backbone"]
     if peak:
@@ -111,20 +116,29 @@ def markdown(r: dict) -> str:
         rows = []
         for s in sims:
             step = steps.get((s["backbone"], "lora"))
-            flops = step["flops_per_step"] * s["max_steps"] if step else math.nan
-            rate = s["updates_per_min"] / 60 * flops
-            rows.append([s["backbone"], s["num_supernodes"], s["clients_per_round"],
+            run_peak = s.get("matmul_peak", {}).get("flops_per_s", peak)  # taken just before it
+            if step and "trained_tokens_per_s" in s:  # the tokens the sampled clients trained
+                rate = s["trained_tokens_per_s"] * step["flops_per_step"] / step["tokens"]
+            else:  # an older report: every update taken as max-steps full batches
+                rate = s["updates_per_min"] / 60 * step["flops_per_step"] * s["max_steps"] \
+                    if step else math.nan
+            rows.append([s["backbone"] + (" (py-spy attached)" if s.get("profiled") else ""),
+                         s["num_supernodes"], s["clients_per_round"],
                          f"{s['updates_per_min']:.1f}", _gflops(rate) if step else "",
-                         f"{100 * rate / peak:.1f}%" if step and peak else "",
-                         " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}"])
+                         f"{100 * rate / run_peak:.1f}% of {_gflops(run_peak)}" if step and run_peak else "",
+                         " / ".join(f"{x:.1f}" for x in s["round_wall_s"]), f"{s['wall_s']:.0f}",
+                         s.get("started", r.get("started", ""))[11:16]])
         lines += ["## Throughput in the simulation engine", "",
                   "Real `flwr run`s (scripts/simulate.py, one client actor on all cores); client "
                   f"updates per minute over the steady rounds (not the first, which starts the "
-                  "client process, nor the last, which adds client evaluation); each update is "
-                  f"{sims[0]['max_steps']} local steps of the local-step batch, so its FLOPs are "
-                  "those steps' counted FLOPs.", ""]
+                  "client process, nor the last, which adds client evaluation), each update at "
+                  f"most {sims[0]['max_steps']} local steps; the training FLOP rate is the tokens "
+                  "the sampled clients trained in those rounds times the FLOPs per token counted "
+                  "in the local-step section, over the rounds' wall time (which also holds the "
+                  "server's aggregation and evaluation).", ""]
         lines += _table(["backbone", "clients", "per round", "updates/min", "training GFLOP/s",
-                         "% of matmul peak", "round wall s (0..R)", "run wall s"], rows)
+                         "% of matmul peak (GFLOP/s, measured just before the run)", "round wall s (0..R)", "run wall s",
+                         "started"], rows)
     costs = r.get("costs")
     if costs:
         cold, warm = costs["setup"]["cold"], costs["setup"]["warm"]

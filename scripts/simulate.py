@@ -170,7 +170,9 @@ class LocalSuperLink:
         self.port = free_port()  # Flower 1.41 serves runtime, control and fleet APIs on one port
         self.bin_dir = Path(sys.executable).parent
         # The SuperLink starts flower-superexec / flwr-simulation by name: put them on PATH.
-        self.env = {**os.environ, "FLWR_HOME": str(self.home),
+        # RAY_worker_niceness: Ray starts its workers, the client actor that trains included, at
+        # nice +15, so any other process on the machine (or the run's own ServerApp) starves it.
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "RAY_worker_niceness": "0",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
