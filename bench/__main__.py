@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for pe in (0.0, 30.0)}}
         save()
     if "sim" in only:
-        from bench.sim import simulate
+        from bench.sim import simulate  # deferred: only --only sim needs scripts/simulate.py
 
         begin("sim")
         print("simulation engine", flush=True)
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak = run_worker("matmul_peak", args.lock)
                 samplers = None
                 if args.profile:
-                    from bench.profile import Samplers
+                    from bench.profile import Samplers  # deferred: with --profile only
 
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
                     samplers = Samplers(Path(args.profile), backbone)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                         if samplers:
                             samplers.stop()
                 if samplers:
-                    from bench.profile import write_summary
+                    from bench.profile import write_summary  # deferred: with --profile only
 
                     run["profiled"] = True
                     write_summary(run, samplers, Path(args.profile))

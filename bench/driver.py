@@ -13,33 +13,30 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import train as client_train_handler
-from strategies import build_strategy, is_full_model, strategy_entry
-from strategies.common import model_bytes
+from strategies.records import model_bytes
+from strategies.registry import build_strategy, check_run
+from task.adapters import initial_adapter_state, set_adapter_state, shared_lora_model
 from task.config import RunConfig
-from task.model import initial_adapter_state, set_adapter_state, shared_lora_model
-
-
-def run_config_of(cfg: RunConfig) -> dict:
-    return {RunConfig.key_of(k): v for k, v in cfg.__dict__.items()}
 
 
 def federate(cfg: RunConfig, num_partitions: int, partitions_per_round: list[list[int]],
              on_round=None) -> dict:
-    """Rounds of ``cfg.strategy`` over the given partitions; returns bytes, times and arrays."""
+    """Rounds of ``cfg.strategy.name`` over the given partitions; returns bytes, times and arrays."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    entry = strategy_entry(cfg)
-    if not is_full_model(cfg):
+    _, entry = check_run(cfg)
+    if not entry.caps.full_model:
         # a fresh server process starts from the seeded initial adapter; the shared model of
         # this process still holds the last client's adapter of an earlier federation
         set_adapter_state(shared_lora_model(cfg), initial_adapter_state(cfg))
     arrays = ArrayRecord(entry.module.server_initial_state(cfg))
     strategy = build_strategy(cfg, arrays)
-    run_config = run_config_of(cfg)
+    run_config = cfg.flat()
     contexts = {}
-    stats = {"upload_bytes": [], "client_s": [], "server_s": []}
+    stats = {"upload_bytes": [], "download_bytes": [], "client_s": [], "server_s": []}
     for rnd, partitions in enumerate(partitions_per_round, start=1):
         content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})})
         strategy._sent_arrays, strategy._reference = arrays, None  # what configure_train records
+        stats["download_bytes"].append(model_bytes(content) * len(partitions))
         replies = []
         for pid in partitions:
             ctx = contexts.setdefault(pid, Context(run_id=1, node_id=pid + 1, node_config={
@@ -57,5 +54,6 @@ def federate(cfg: RunConfig, num_partitions: int, partitions_per_round: list[lis
         if on_round is not None:
             on_round(rnd, arrays)
     stats["arrays"] = arrays
-    stats["rejected"] = sum(s.get("rejected", 0) for s in strategy.round_stats.values())
+    stats["rounds"] = strategy.round_stats.rounds
+    stats["rejected"] = sum(s.get("rejected", 0) for s in strategy.round_stats.rounds.values())
     return stats

@@ -7,12 +7,38 @@ import math
 import os
 import resource
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
+from flwr.app import ArrayRecord, RecordDict
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench.driver import federate
+from strategies.base import local_training_kwargs
+from strategies.fedavg_lora import client_train
+from strategies.records import model_bytes
+from strategies.registry import strategy_entry
+from task.adapters import (
+    add_lora,
+    get_adapter_state,
+    get_full_state,
+    initial_adapter_state,
+    personal_adapter_dir,
+    save_adapter,
+    set_adapter_state,
+    shared_full_model,
+    shared_lora_model,
+)
+from task.compression import CODECS, encode_update
 from task.config import RunConfig
+from task.lm.data import client_blocks, client_blocks_path, global_test_blocks, load_corpus
+from task.lm.model import load_backbone, parameter_counts
+from task.lm.train import evaluate_nll, train_local
+from task.results import RunRecorder
 
 
 def peak_rss_mib() -> float:
@@ -21,7 +47,7 @@ def peak_rss_mib() -> float:
 
 
 def rss_mib() -> float:
-    import psutil
+    import psutil  # deferred: a test dependency of Flower's, not one of the bench's
 
     return psutil.Process().memory_info().rss / 2**20
 
@@ -30,8 +56,8 @@ def bench_config(backbone: str, work_dir: str, **overrides) -> RunConfig:
     """The offline default run config with this backbone, writing under ``work_dir``."""
     root = Path(__file__).resolve().parents[1]
     cache = os.environ.get("FEDGEN_BENCH_CACHE", str(root / ".cache" / "fedgen"))
-    return RunConfig(backbone=backbone, output_dir=str(Path(work_dir) / "out"), cache_dir=cache,
-                     **overrides)
+    return RunConfig.from_run_config({"model.name": backbone, "output-dir": str(Path(work_dir) / "out"),
+                                      "cache-dir": cache, **overrides})
 
 
 # --------------------------------------------------------------------------- machine peak
@@ -52,8 +78,6 @@ def matmul_peak(size: int = 2048, repeats: int = 8) -> dict:
 # --------------------------------------------------------------------------- local step
 def _training_flops(model, batch: torch.Tensor) -> int:
     """FLOPs of one forward + backward on ``batch``, counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         model(input_ids=batch, labels=batch).loss.backward()
@@ -64,22 +88,18 @@ def _training_flops(model, batch: torch.Tensor) -> int:
 def local_step(backbone: str, mode: str, steps: int, work_dir: str) -> dict:
     """Time and memory of optimizer steps of LoRA (``mode='lora'``) or full fine-tuning
     (``'full'``) on the same backbone and the same batch (batch-size x seq-len tokens)."""
-    from task.data import client_blocks
-    from task.model import shared_full_model, shared_lora_model
-    from task.train import train_local
-
     cfg = bench_config(backbone, work_dir)
     model = shared_lora_model(cfg) if mode == "lora" else shared_full_model(cfg)
-    blocks = client_blocks(cfg, 0, 100)[0][:cfg.batch_size]
-    batch = blocks[:cfg.batch_size]
+    blocks = client_blocks(cfg, 0, 100)[0][:cfg.train.batch_size]
+    batch = blocks[:cfg.train.batch_size]
     flops = _training_flops(model, batch)
     rss_loaded = rss_mib()
-    lr = cfg.learning_rate if mode == "lora" else cfg.full_learning_rate
-    train_local(model, batch, epochs=1, batch_size=cfg.batch_size, lr=lr, max_steps=1)  # warm up
+    lr = cfg.train.learning_rate if mode == "lora" else cfg.train.full_learning_rate
+    train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1)  # warm up
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        train_local(model, batch, epochs=1, batch_size=cfg.batch_size, lr=lr, max_steps=1, seed=i)
+        train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1, seed=i)
         times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step_s = sorted(times)[len(times) // 2]
@@ -97,13 +117,6 @@ def client_calls(backbone: str, runtime: str, calls: int, work_dir: str) -> dict
     backbone). ``'naive'``: the same work, but the backbone is loaded and wrapped with LoRA again
     for every call, as a client without the shared model would.
     """
-    from strategies.common import local_training_kwargs
-    from strategies.fedavg_lora import client_train
-    from task.data import client_blocks
-    from task.model import (add_lora, get_adapter_state, initial_adapter_state, load_backbone,
-                            personal_adapter_dir, save_adapter, set_adapter_state)
-    from task.train import train_local
-
     cfg = bench_config(backbone, work_dir)
     received = {k: v.clone() for k, v in initial_adapter_state(cfg).items()} \
         if runtime == "shared" else None
@@ -133,18 +146,10 @@ def client_calls(backbone: str, runtime: str, calls: int, work_dir: str) -> dict
 def comm_bytes(backbone: str, work_dir: str) -> dict:
     """Exact wire bytes per client and round, uplink and downlink, of fedavg-lora (fp32 and every
     upload codec) and fedavg-full on one backbone, counted as the strategies count them
-    (strategies.common.model_bytes over the Flower records that cross the wire)."""
-    from flwr.app import ArrayRecord, RecordDict
-
-    from strategies.common import model_bytes
-    from task.compression import CODECS, encode_update
-    from task.model import add_lora, get_adapter_state, get_full_state, parameter_counts
-
+    (strategies.records.model_bytes over the Flower records that cross the wire)."""
     cfg = bench_config("tiny-gpt2" if backbone == "distilgpt2-shape" else backbone, work_dir)
     backbone_model = _distilgpt2_shaped() if backbone == "distilgpt2-shape" else None
     if backbone_model is None:
-        from task.model import load_backbone
-
         backbone_model = load_backbone(cfg)
     full_state = get_full_state(backbone_model)
     full = model_bytes(RecordDict({"arrays": ArrayRecord(full_state)}))
@@ -160,7 +165,7 @@ def comm_bytes(backbone: str, work_dir: str) -> dict:
     # after round 1 the global adapter is a trained one too (round 1 sends B = 0 once, deduplicated)
     downlink = model_bytes(RecordDict({"arrays": ArrayRecord(trained)}))
     for codec in CODECS:
-        encoded, _ = encode_update(trained, state, codec, seed=0, topk_fraction=cfg.upload_topk_fraction)
+        encoded, _ = encode_update(trained, state, codec, seed=0, topk_fraction=cfg.upload.topk_fraction)
         rows[codec] = {"uplink": model_bytes(RecordDict({"arrays": ArrayRecord(encoded)})),
                        "downlink": downlink}
     return {"backbone": backbone, "adapter_params": adapter_params,
@@ -174,8 +179,6 @@ def comm_bytes(backbone: str, work_dir: str) -> dict:
 def _distilgpt2_shaped():
     """distilgpt2's architecture (6 layers, 768 wide, 12 heads, 50257 tokens) from its config,
     random weights: no download, same tensor shapes and so the same bytes."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=768, n_head=12, vocab_size=50257,
                                        n_positions=1024))
@@ -188,17 +191,12 @@ def compression_quality(backbone: str, codecs: list[str], clients: int, rounds: 
     """The same short federation (same clients, data and seeds) once per upload codec, through
     the real ClientApp handler and server strategy (bench.driver): uploaded bytes and the final
     global perplexity on the server's test set."""
-    from bench.driver import federate
-    from strategies import strategy_entry
-    from task.data import global_test_blocks
-    from task.model import set_adapter_state, shared_lora_model
-    from task.train import evaluate_nll
-
     out = {}
     for codec in codecs:
         run_dir = Path(work_dir) / codec
         shutil.rmtree(run_dir, ignore_errors=True)  # fresh personal adapters and residuals
-        cfg = bench_config(backbone, str(run_dir), upload_compression=codec, max_steps=max_steps)
+        cfg = bench_config(backbone, str(run_dir), **{"upload.compression": codec,
+                                                       "train.max-steps": max_steps})
         order = list(range(100))
         rounds_of = [order[r * clients:(r + 1) * clients] for r in range(rounds)]
         t = time.perf_counter()
@@ -206,8 +204,8 @@ def compression_quality(backbone: str, codecs: list[str], clients: int, rounds: 
         model = shared_lora_model(cfg)
         state = strategy_entry(cfg).module.server_global_state(cfg, stats["arrays"].to_torch_state_dict())
         set_adapter_state(model, state)
-        ev = evaluate_nll(model, global_test_blocks(cfg), batch_size=cfg.batch_size,
-                          max_batches=cfg.eval_max_batches)
+        ev = evaluate_nll(model, global_test_blocks(cfg), batch_size=cfg.train.batch_size,
+                          max_batches=cfg.eval.server_max_batches)
         out[codec] = {"global_ppl": ev.perplexity, "eval_tokens": ev.tokens,
                       "upload_bytes_per_update": sum(stats["upload_bytes"]) / len(stats["upload_bytes"]),
                       "rejected": stats["rejected"], "wall_s": time.perf_counter() - t}
@@ -222,10 +220,11 @@ def client_setup(backbone: str, partition_id: int, cold: bool, work_dir: str) ->
     ``cold`` deletes this client's cached token blocks first (what every process paid before
     the blocks were cached on disk: partitioning the corpus, loading the tokenizer,
     tokenizing)."""
-    t = time.perf_counter()
-    from task.data import client_blocks, client_blocks_path, load_corpus
-
-    imports = time.perf_counter() - t
+    # the imports a fresh client process pays, measured in one (this one has them loaded)
+    probe = ("import time; t = time.perf_counter(); import task.lm.data; "
+             "print(time.perf_counter() - t)")
+    imports = float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                   check=True, cwd=Path(__file__).resolve().parents[1]).stdout)
     cfg = bench_config(backbone, work_dir)
     path = client_blocks_path(cfg, partition_id, 100)
     if cold:
@@ -243,10 +242,6 @@ def full_reply(repeats: int, work_dir: str) -> dict:
     """Building fedavg-full's reply record on the client (distilgpt2-shaped model): the weights
     taken with a clone first (``clone``, as before) or as views (``views``, as now), then
     serialized into the ArrayRecord Flower sends."""
-    from flwr.app import ArrayRecord
-
-    from task.model import get_full_state
-
     model = _distilgpt2_shaped().requires_grad_(True)
     out = {}
     for name, copy in (("clone", True), ("views", False)):
@@ -264,8 +259,6 @@ def full_reply(repeats: int, work_dir: str) -> dict:
 def recorder_rounds(rounds: int, plot_every_s: float, work_dir: str) -> dict:
     """Server-side cost of recording one round (results.json, CSVs, and the PNG when due):
     ``plot_every_s=0`` redraws the PNG every round (as before), the default at most every 30 s."""
-    from task.results import RunRecorder
-
     recorder = RunRecorder(Path(work_dir) / f"recorder-{plot_every_s}", {"strategy": "bench"})
     recorder.plot_every_s = plot_every_s
     times = []

@@ -66,7 +66,7 @@ def markdown(r: dict) -> str:
                   "and seeds), through the real ClientApp handler and server strategy in one "
                   "process (bench/driver.py); perplexity of the final global adapter on the "
                   "server's test batches.", ""]
-        lines += _table(["upload-compression", "uplink bytes per update", "fewer bytes",
+        lines += _table(["upload.compression", "uplink bytes per update", "fewer bytes",
                          "global ppl", "ppl vs none"], rows)
 
     backbone = {b["runtime"]: b for b in r.get("backbone", [])}

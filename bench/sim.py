@@ -26,15 +26,16 @@ def trained_tokens(config: dict, num_supernodes: int, server_round: int) -> tupl
     """(client updates, tokens trained) of one round of a simulation run, recomputed from its
     seeded sample: simulation nodes are ordered by partition id (FedGenStrategy.node_order), so
     sample position = partition id; each client's block count comes from its cached blocks."""
-    from strategies.common import sample_node_ids
+    # deferred: the harness process that drives `flwr run` imports torch only for this figure
+    from strategies.base import sample_node_ids
     from task.config import RunConfig
-    from task.data import client_blocks
+    from task.lm.data import client_blocks
 
     cfg = RunConfig.from_run_config(config)
-    partitions = sample_node_ids(range(num_supernodes), cfg.fraction_train, 1, cfg.seed,
+    partitions = sample_node_ids(range(num_supernodes), cfg.strategy.fraction_train, 1, cfg.seed,
                                  server_round)
-    tokens = sum(update_tokens(len(client_blocks(cfg, p, num_supernodes)[0]), cfg.batch_size,
-                               cfg.seq_len, cfg.local_epochs, cfg.max_steps) for p in partitions)
+    tokens = sum(update_tokens(len(client_blocks(cfg, p, num_supernodes)[0]), cfg.train.batch_size,
+                               cfg.train.seq_len, cfg.train.local_epochs, cfg.train.max_steps) for p in partitions)
     return len(partitions), tokens
 
 
@@ -46,10 +47,10 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
     name = f"{backbone}-{num_supernodes}x{clients_per_round}"
     out = work_dir / name
     run_config = {
-        "backbone": backbone, "output-dir": str(out), "cache-dir": str(ROOT / ".cache" / "fedgen"),
-        "num-server-rounds": rounds, "fraction-train": clients_per_round / num_supernodes,
-        "fraction-evaluate": 1 / num_supernodes, "evaluate-every": rounds,
-        "checkpoint-every": rounds, "personalize-clients": 0, "eval-max-batches": 1, **overrides}
+        "model.name": backbone, "output-dir": str(out), "cache-dir": str(ROOT / ".cache" / "fedgen"),
+        "num-server-rounds": rounds, "strategy.fraction-train": clients_per_round / num_supernodes,
+        "strategy.fraction-evaluate": 1 / num_supernodes, "server.evaluate-every": rounds,
+        "server.checkpoint-every": rounds, "server.personalize-clients": 0, "eval.server-max-batches": 1, **overrides}
     t = time.time()
     with LocalSuperLink(work_dir / f"flwr-home-{name}",
                         report_memory=True) as link:
@@ -76,5 +77,5 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
             "steady_rounds": [r["round"] for r in steady],
             "updates_per_min": 60 * updates / seconds if seconds else float("nan"),
             "trained_tokens_per_s": tokens / seconds if seconds else float("nan"),
-            "max_steps": results["config"]["max-steps"],
+            "max_steps": results["config"]["train.max-steps"],
             "final_global_ppl": results["rounds"][-1]["global_ppl"]}

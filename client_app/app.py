@@ -1,51 +1,82 @@
 """ClientApp: local training and evaluation, as the run's strategy prescribes.
 
-The backbone is loaded once per process (task.model.shared_*_model) and reused for every
+The backbone is loaded once per process (task.adapters.shared_*_model) and reused for every
 client and round this process serves; a message only swaps adapter (or, for fedavg-full,
 model) tensors in and out. What is trained, uploaded and kept personal is the strategy
-module's business (strategies/).
+module's business (strategies/); how a model trains and is evaluated is the task's (task/).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client_app.image import evaluate_image
-from strategies import is_full_model, strategy_entry
+from client_app import simulated_threats as threats
+from strategies.registry import Entry, check_run
 from strategies.secagg import secure_aggregation_mod
-from task.compression import compress_upload
-from task.config import RunConfig
-from task.image_train import kept_discriminator
-from task.lora_ops import client_rank
-from task.model import (
-    load_tokenizer,
+from task import Task
+from task.adapters import (
+    client_dir,
     node_state_dir,
-    personal_adapter_dir,
     set_adapter_state,
     set_full_state,
     shared_full_model,
     shared_lora_model,
 )
-from task.node import NodeConfig, node_blocks
-from task.threats import attacked_upload, backdoor_blocks, fails_this_round, malicious_partitions
-from task.train import evaluate_nll, train_local
+from task.compression import compress_upload
+from task.config import RunConfig
+from task.lora_ops import client_rank
+from task.node import NodeConfig, node_data
 
 app = ClientApp()
 
 
-def _setup(msg: Message, context: Context):
+@dataclass
+class Client:
+    """One message's view of this client: the run, the node, what arrived, its data."""
+    cfg: RunConfig
+    task: Task
+    strategy: Entry
+    node: NodeConfig
+    run_id: int
+    received: dict
+    config: dict
+    train_data: object
+    test_data: object
+
+    @property
+    def partition_id(self) -> int:
+        return self.node.partition_id
+
+    @contextmanager
+    def state(self):
+        """Within the block, the client's own state (its personal adapter, and the task's
+        private state such as the image task's discriminator) lives in its folder: the
+        SuperNode's state-dir, or the simulation layout under output-dir."""
+        with node_state_dir(self.node.run_state_path(self.run_id)):
+            with self.task.client_state(self.cfg, client_dir(self.cfg, self.partition_id)):
+                yield
+
+
+def setup(msg: Message, context: Context) -> Client:
+    """The run config (checked as at start), this node's config and data, what arrived."""
     node = NodeConfig.from_node_config(context.node_config)  # partition or own files, state dir
     cfg = node.run_config(RunConfig.from_run_config(context.run_config))
+    task, entry = check_run(cfg)
     arrays = msg.content.array_records.get("arrays")
-    received = arrays.to_torch_state_dict() if arrays is not None else {}
-    return cfg, node, received, node_blocks(cfg, node)
+    train_data, test_data = node_data(cfg, node)
+    return Client(cfg, task, entry, node, context.run_id,
+                  arrays.to_torch_state_dict() if arrays is not None else {},
+                  msg.content["config"], train_data, test_data)
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Differential privacy: when the server sends a clipping norm (dp-noise-multiplier > 0),
+    """Differential privacy: when the server sends a clipping norm (dp.noise-multiplier > 0),
     Flower's fixedclipping_mod clips this client's adapter change to it before upload."""
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
@@ -56,49 +87,37 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
 # SecAgg+ first: it masks whatever the handler (and the DP mod under it) uploads.
 @app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    cfg, node, received, (train_blocks, _) = _setup(msg, context)
-    partition_id = node.partition_id
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    if fails_this_round(cfg, server_round, partition_id):  # simulated crash (client-failure-rate)
-        raise RuntimeError(f"simulated failure of client {partition_id} in round {server_round}")
-    seed = cfg.seed * 100_003 + server_round * 1009 + partition_id
-    malicious = partition_id in malicious_partitions(cfg, node.num_partitions)
-    if malicious and cfg.attack == "backdoor":
-        train_blocks = backdoor_blocks(cfg, train_blocks, load_tokenizer(cfg), seed)
-    with node_state_dir(node.run_state_path(context.run_id)), \
-            kept_discriminator(_discriminator_file(cfg, partition_id)):  # the client's own state
-        upload, loss = strategy_entry(cfg).module.client_train(cfg, received, partition_id,
-                                                               train_blocks, seed, config)
-        if malicious and upload is not None:  # simulated poisoning (attack, attack-fraction)
-            upload = attacked_upload(cfg, received, upload)
-        if upload is not None and cfg.upload_compression != "none":
-            # the server decodes it (strategies/common.py); top-k's residual stays beside the
-            # personal adapter
-            upload = compress_upload(upload, received, cfg.upload_compression, seed=seed,
-                                     topk_fraction=cfg.upload_topk_fraction,
-                                     client_dir=personal_adapter_dir(cfg, partition_id).parent)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": len(train_blocks),
-                                                   "train-loss": loss,
-                                                   "partition-id": partition_id})})
+    client = setup(msg, context)
+    cfg, pid, n = client.cfg, client.partition_id, client.node.num_partitions
+    server_round = int(client.config["server-round"])
+    seed = cfg.seed * 100_003 + server_round * 1009 + pid
+    threats.raise_if_failing(cfg, server_round, pid)  # simulation only
+    data = threats.poison_train_data(cfg, client.task, client.train_data, pid, n, seed)
+
+    with client.state():
+        upload, loss = client.strategy.module.client_train(cfg, client.received, pid, data,
+                                                           seed, client.config)
+        upload = threats.poison_upload(cfg, client.received, upload, pid, n)
+        if upload is not None and cfg.upload.compression != "none":
+            # the server decodes it (strategies/base.py); top-k's residual stays in the
+            # client's folder
+            upload = compress_upload(upload, client.received, cfg.upload.compression, seed=seed,
+                                     topk_fraction=cfg.upload.topk_fraction,
+                                     client_dir=client_dir(cfg, pid))
+
+    content = RecordDict({"metrics": MetricRecord({"num-examples": len(data), "train-loss": loss,
+                                                   "partition-id": pid})})
     if upload is not None:
         content["arrays"] = ArrayRecord(upload)
     return Message(content, reply_to=msg)
 
 
-def _discriminator_file(cfg: RunConfig, partition_id: int):
-    """Image task: where the client keeps its private discriminator (beside its personal adapter)."""
-    if cfg.task != "image" or not cfg.gan_keep_discriminator:
-        return None
-    return personal_adapter_dir(cfg, partition_id).parent / "discriminator.pt"
-
-
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which data partition this node holds (-1: its own data), so the server can sample the
-    same clients in every run of a comparison."""
+    same clients in every run of a comparison, and the LoRA rank this device trains (its
+    profile, for heterogeneous-rank strategies)."""
     partition_id = int(context.node_config.get("partition-id", -1))
-    # The LoRA rank this device trains (its profile), for heterogeneous-rank strategies.
     rank = client_rank(RunConfig.from_run_config(context.run_config), context.node_config)
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id,
                                                         "lora-rank": rank})}), reply_to=msg)
@@ -106,50 +125,45 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Local-test perplexity of the global model and of this client's personal one.
+    """The task's metric on this client's local test data, of the global model and of its
+    personal one.
 
     With ``personalize`` in the config (the final phase), the personal model is the final global
-    model fine-tuned for one local epoch (capped by max-steps), the paper's personalization
-    protocol; strategies with a personal model of their own (PERSONAL_MODEL: ditto, fedper,
-    local-only) start from that one instead.
+    model fine-tuned for one local epoch (capped by train.max-steps), the paper's
+    personalization protocol; strategies with a personal model of their own (capability
+    personal_model: ditto, fedper, local-only, fedsa-lora) start from that one instead.
     """
     config = msg.content["config"]
     if config.get("personalize") and str(context.node_config.get("partition-id", -1)) not in \
             str(config["personalize-partitions"]).split(","):
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
-    cfg, node, received, (train_blocks, test_blocks) = _setup(msg, context)
-    partition_id = node.partition_id
-    module = strategy_entry(cfg).module
-    with node_state_dir(node.run_state_path(context.run_id)), \
-            kept_discriminator(_discriminator_file(cfg, partition_id)):
-        if cfg.task == "image":  # FID on the client's own classes (client_app/image.py)
-            metrics = evaluate_image(cfg, partition_id, received, train_blocks, test_blocks, config)
-            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        global_state, personal_state = module.client_eval_states(cfg, received, partition_id)
-    full = is_full_model(cfg)
+    client = setup(msg, context)
+    cfg, task, pid = client.cfg, client.task, client.partition_id
+    full = client.strategy.caps.full_model
     model = shared_full_model(cfg) if full else shared_lora_model(cfg)
     load = set_full_state if full else set_adapter_state
-    kwargs = dict(batch_size=cfg.batch_size, max_batches=cfg.client_eval_max_batches)
+    evaluate_model = task.evaluator(cfg, client.test_data, seed=cfg.seed + pid, server=False)
 
-    load(model, global_state)
-    global_eval = evaluate_nll(model, test_blocks, **kwargs)
-    metrics = {"num-examples": global_eval.tokens, "partition-id": partition_id,
-               "global-nll": global_eval.nll_sum, "global-tokens": global_eval.tokens,
-               "personal-nll": 0.0, "personal-tokens": 0}
-    personal_eval = None
-    if config.get("personalize"):
-        own = getattr(module, "PERSONAL_MODEL", False) and personal_state is not None
-        load(model, personal_state if own else global_state)
-        train_local(model, train_blocks, epochs=1, batch_size=cfg.batch_size,
-                    lr=cfg.full_learning_rate if full else cfg.learning_rate,
-                    weight_decay=cfg.weight_decay,
-                    max_steps=cfg.max_steps, seed=cfg.seed + partition_id,
-                    precision=cfg.precision)
-        personal_eval = evaluate_nll(model, test_blocks, **kwargs)
-    elif personal_state is not None:
-        load(model, personal_state)
-        personal_eval = evaluate_nll(model, test_blocks, **kwargs)
-    if personal_eval is not None:
-        metrics.update({"personal-nll": personal_eval.nll_sum,
-                        "personal-tokens": personal_eval.tokens})
+    with client.state():
+        global_state, personal_state = client.strategy.module.client_eval_states(
+            cfg, client.received, pid)
+        load(model, global_state)
+        global_stats = evaluate_model(model)
+        personal_stats = None
+        if config.get("personalize"):
+            own = client.strategy.caps.personal_model and personal_state is not None
+            load(model, personal_state if own else global_state)
+            t = cfg.train
+            task.train(model, client.train_data, epochs=1, batch_size=t.batch_size,
+                       lr=t.full_learning_rate if full else t.learning_rate,
+                       weight_decay=t.weight_decay, max_steps=t.max_steps, seed=cfg.seed + pid,
+                       precision=cfg.model.precision)
+            personal_stats = evaluate_model(model)
+        elif personal_state is not None:
+            load(model, personal_state)
+            personal_stats = evaluate_model(model)
+
+    metrics = {"num-examples": global_stats[task.caps.count], "partition-id": pid,
+               **{f"global-{k}": v for k, v in global_stats.items()},
+               **{f"personal-{k}": v for k, v in (personal_stats or {}).items()}}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

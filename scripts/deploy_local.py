@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data_path and len(args.data_path) != args.num_supernodes:
         parser.error("give one --data-path per SuperNode")
     name = next((Path(i).stem for i in args.run_config if i.endswith(".toml")), "default")
-    run_config = merge_run_config(  # the run waits for every SuperNode (min-available-nodes)
+    run_config = merge_run_config(  # the run waits for every SuperNode (server.min-available-nodes)
         [f"output-dir='{ROOT / 'outputs' / f'deploy-{name}'}' cache-dir='{ROOT / '.cache' / 'fedgen'}'",
-         f"min-available-nodes={args.num_supernodes}", *args.run_config])
+         f"server.min-available-nodes={args.num_supernodes}", *args.run_config])
     # SIGTERM (e.g. a CI timeout) must still stop every process on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.time()

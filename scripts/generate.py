@@ -36,21 +36,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="do not preprocess the prompt like the training text")
     args = parser.parse_args(argv)
 
-    import tomllib
-
+    # deferred: --help and argument errors answer without loading torch and transformers
     from task.config import RunConfig
-    from task.generate import GENERATORS
+    from task.lm.generate import generate_text
 
-    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    generators = {"lm": generate_text}  # task -> its inference command (text only so far)
+
     # The checkout's cache by default, as scripts/run.sh and deploy_local.py use it.
     overrides = merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", *args.run_config])
-    cfg = RunConfig.from_run_config({**defaults, **overrides})
-    if cfg.task not in GENERATORS:
-        parser.error(f"no generator for task {cfg.task!r} (have {sorted(GENERATORS)})")
+    cfg = RunConfig.from_run_config(overrides)
+    generate = generators.get(cfg.task)
+    if generate is None:
+        parser.error(f"no generator for task {cfg.task!r} (have {sorted(generators)})")
     adapter = None if args.adapter == "none" else Path(args.adapter).expanduser()
-    print(GENERATORS[cfg.task](cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                               normalize=not args.raw_prompt))
+    print(generate(cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                   normalize=not args.raw_prompt))
     return 0
 
 

@@ -10,30 +10,25 @@ from __future__ import annotations
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from simulate import merge_run_config  # noqa: E402
 from task.config import RunConfig  # noqa: E402
-from task.image_train import backbone_dir, load_generator_backbone  # noqa: E402
+from task.image.train import backbone_dir, ensure_pretrained  # noqa: E402
 
 
 def run_config(args: list[str]) -> RunConfig:
-    """pyproject defaults, then the conf files and k=v pairs in order (as `flwr run` merges)."""
-    values = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    values["cache-dir"] = str(ROOT / ".cache" / "fedgen")
-    for arg in args:
-        values.update(tomllib.loads(Path(arg).read_text() if arg.endswith(".toml") else arg))
-    return RunConfig.from_run_config(values)
+    """The defaults, then the conf files and k=v pairs in order (as `flwr run` merges)."""
+    return RunConfig.from_run_config(
+        merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", *args]))
 
 
 if __name__ == "__main__":
     cfg = run_config(sys.argv[1:])
-    record = (json.loads((backbone_dir(cfg) / "pretrain.json").read_text())
-              if (backbone_dir(cfg) / "pretrain.json").exists() else None)
-    if record is None:
-        load_generator_backbone(cfg)  # sets the thread count, pre-trains, caches
-        record = json.loads((backbone_dir(cfg) / "pretrain.json").read_text())
+    record = ensure_pretrained(cfg)  # pre-trains and caches unless cached
     print(json.dumps({"cache": str(backbone_dir(cfg)), **record}, indent=2))

@@ -30,32 +30,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulate import ROOT, LocalSuperLink, write_flower_home  # noqa: E402
 
 # Every client trains every round (10 of 10), so 10% = 1 attacker and 30% = 3 in each round.
-BASE = {"num-server-rounds": 2, "fraction-train": 1.0, "fraction-evaluate": 0.3,
-        "evaluate-every": 3, "checkpoint-every": 1, "personalize-clients": 0, "max-steps": 2,
-        "batch-size": 4, "seq-len": 32, "learning-rate": 0.03, "chunk-words": 400,
-        "eval-max-batches": 4, "attack-scale": 10.0, "norm-bound": 0.5, "trim-fraction": 0.3}
+BASE = {"num-server-rounds": 2, "strategy.fraction-train": 1.0, "strategy.fraction-evaluate": 0.3,
+        "server.evaluate-every": 3, "server.checkpoint-every": 1, "server.personalize-clients": 0, "train.max-steps": 2,
+        "train.batch-size": 4, "train.seq-len": 32, "train.learning-rate": 0.03, "data.chunk-words": 400,
+        "eval.server-max-batches": 4, "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
 NUM_SUPERNODES = 10
 
 
-FAILURES = {"client-failure-rate": 0.3, "fraction-train": 0.5, "min-replies": 4,
-            "on-too-few-replies": "retry", "max-retries": 2}
+FAILURES = {"threats.client-failure-rate": 0.3, "strategy.fraction-train": 0.5, "robust.min-replies": 4,
+            "robust.on-too-few-replies": "retry", "robust.max-retries": 2}
 
 
 def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
     run, so a report cut short still covers most items): clean, SecAgg+, attackers (10%, then
     30%), DP, failures, kill/resume."""
-    runs = [(f"clean / {d}", {"aggregation": d}) for d in ("mean", "median")]
-    runs.append(("clean / mean, SecAgg+", {"secure-aggregation": True}))
+    runs = [(f"clean / {d}", {"robust.aggregation": d}) for d in ("mean", "median")]
+    runs.append(("clean / mean, SecAgg+", {"secagg.enabled": True}))
     attacks = (("scaled", ("mean", "median")), ("sign-flip", ("mean", "trimmed-mean")),
                ("backdoor", ("mean", "norm-bound")))
     for fraction in (0.3,) if quick else (0.1, 0.3):
         for attack, defences in attacks:
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
-                             {"attack": attack, "attack-fraction": fraction, "aggregation": d}))
+                             {"threats.attack": attack, "threats.attack-fraction": fraction,
+                              "robust.aggregation": d}))
     for z in dp_noise:
-        runs.append((f"DP z={z} clip=0.5", {"dp-noise-multiplier": z, "dp-clipping-norm": 0.5}))
+        runs.append((f"DP z={z} clip=0.5", {"dp.noise-multiplier": z, "dp.clipping-norm": 0.5}))
     runs.append(("30% clients fail, retry", FAILURES))
     runs.append(("killed + resumed", {}))
     return runs
@@ -133,7 +134,7 @@ def table(runs: list[dict], clean_ppl: float) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         f, o = r["final"], r["overrides"]
-        eps = f"{f['dp_epsilon']:.2f} ({o.get('dp-delta', 1e-5):g})" if f.get("dp_epsilon") is not None else "—"
+        eps = f"{f['dp_epsilon']:.2f} ({o.get('dp.delta', 1e-5):g})" if f.get("dp_epsilon") is not None else "—"
         lines.append(
             f"| {r['name']} | {o.get('aggregation', 'mean')} | {_f(f['global_ppl'], 1)} | "
             f"{f['global_ppl'] / clean_ppl:.2f}x | {_f(f.get('backdoor_success'))} | "
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=NUM_SUPERNODES,
                         help="SuperNodes (clients) of every run; all of them train every round")
     parser.add_argument("--set", type=_assignment, action="append", default=[],
-                        help="a run-config override for every run, e.g. learning-rate=0.003")
+                        help="a run-config override for every run, e.g. train.learning-rate=0.003")
     parser.add_argument("--dp-noise", default="1.0",
                         help="comma-separated DP noise multipliers, one DP run each")
     parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out, work = Path(args.out), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = {"backbone": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve()),
+    common = {"model.name": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve()),
               "num-server-rounds": args.rounds, **args.set}
     t0 = time.time()
     runs: list[dict] = []

@@ -25,6 +25,8 @@ from pathlib import Path
 import tomli_w
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from task.config import flatten_tables  # noqa: E402  (stdlib only: the launcher stays light)
 
 
 def free_port() -> int:
@@ -63,15 +65,16 @@ num-cpus = {cpus}
 
 
 def merge_run_config(items: list[str]) -> dict:
-    """TOML files and "k=v k2='s'" strings, later ones win (flwr run takes one kind only)."""
+    """TOML files and "k=v k2='s'" strings (dotted keys: "lora.rank=4"), later ones win
+    (flwr run takes one kind only); the result has flat dotted keys, as Flower's run config."""
     merged: dict = {}
     for item in items:
         path = Path(item)
         if path.suffix == ".toml" and (path.exists() or (ROOT / path).exists()):
-            merged.update(tomllib.loads((path if path.exists() else ROOT / path).read_text()))
+            merged.update(flatten_tables(tomllib.loads((path if path.exists() else ROOT / path).read_text())))
         else:
-            for key, value in re.findall(r"([\w-]+)=('[^']*'|\"[^\"]*\"|\S+)", item):
-                merged.update(tomllib.loads(f'"{key}" = {value}'))
+            for key, value in re.findall(r"([\w.-]+)=('[^']*'|\"[^\"]*\"|\S+)", item):
+                merged[key] = tomllib.loads(f"v = {value}")["v"]
     return merged
 
 

@@ -31,42 +31,42 @@ from simulate import LocalSuperLink  # noqa: E402
 METHODS = ["centralized-full", "centralized-lora", "fedavg-lora", "ditto", "fedper", "fedavg-full",
            "fedprox", "fedadam", "local-only"]
 # Exact and heterogeneous-rank LoRA aggregation (issue 8); with --rank-mix, each of HET_METHODS
-# also runs with the mix ("<method>-mix", lora-rank = the mix's largest rank, same alpha / r).
+# also runs with the mix ("<method>-mix", lora.rank = the mix's largest rank, same alpha / r).
 AGGREGATION_METHODS = ["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "hetlora"]
 HET_METHODS = ["hetlora", "flora"]
 PAPER_PTB = {"centralized-full": 75.4, "centralized-lora": 78.9, "fedavg-lora": 85.2,
              "ditto": 94.6, "fedper": 98.4, "fedavg-full": 115.7, "local-only": 142.3}
 
 # Each size: clients, the base run config, which methods, ranks and local epochs.
-# quick and tiny count an "epoch" as steps_per_epoch optimizer steps (max-steps = E x that; the
+# quick and tiny count an "epoch" as steps_per_epoch optimizer steps (train.max-steps = E x that; the
 # clients' real epochs would take hours on a CPU): the epoch ablation measures E times more local
 # work per round, from its own E=1 run.
 SIZES = {
     "tiny": dict(clients=6, methods=["centralized-lora", "fedavg-lora", "local-only"],
                  ranks=[2, 8], epochs=[1, 2], steps_per_epoch=1, config={
-                     "backbone": "tiny-gpt2", "num-server-rounds": 2, "fraction-train": 0.5,
-                     "fraction-evaluate": 0.5, "evaluate-every": 2, "max-steps": 2,
-                     "seq-len": 32, "chunk-words": 400, "learning-rate": 0.01,
-                     "eval-max-batches": 2, "personalize-clients": 3}),
+                     "model.name": "tiny-gpt2", "num-server-rounds": 2, "strategy.fraction-train": 0.5,
+                     "strategy.fraction-evaluate": 0.5, "server.evaluate-every": 2, "train.max-steps": 2,
+                     "train.seq-len": 32, "data.chunk-words": 400, "train.learning-rate": 0.01,
+                     "eval.server-max-batches": 2, "server.personalize-clients": 3}),
     "quick": dict(clients=15, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=1, config={
-                      "num-server-rounds": 3, "fraction-train": 0.2, "fraction-evaluate": 0.2,
-                      "evaluate-every": 3, "max-steps": 2, "seq-len": 32,
-                      "eval-max-batches": 4, "client-eval-max-batches": 2,
-                      "personalize-clients": 5}),
+                      "num-server-rounds": 3, "strategy.fraction-train": 0.2, "strategy.fraction-evaluate": 0.2,
+                      "server.evaluate-every": 3, "train.max-steps": 2, "train.seq-len": 32,
+                      "eval.server-max-batches": 4, "eval.client-max-batches": 2,
+                      "server.personalize-clients": 5}),
     # The aggregation comparison on SmolLM2 when the machine is shared: 6 clients, 3 per round,
     # 2 rounds (the fewest that show flora's downlink growth), no ablations.
     "compact": dict(clients=6, methods=AGGREGATION_METHODS[:5], ranks=[], epochs=[],
                     steps_per_epoch=1, config={
-                        "num-server-rounds": 2, "fraction-train": 0.5, "fraction-evaluate": 0.5,
-                        "evaluate-every": 2, "max-steps": 2, "seq-len": 32, "eval-max-batches": 2,
-                        "client-eval-max-batches": 1, "personalize-clients": 3}),
+                        "num-server-rounds": 2, "strategy.fraction-train": 0.5, "strategy.fraction-evaluate": 0.5,
+                        "server.evaluate-every": 2, "train.max-steps": 2, "train.seq-len": 32, "eval.server-max-batches": 2,
+                        "eval.client-max-batches": 1, "server.personalize-clients": 3}),
     "paper": dict(clients=100, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=0, config={
-                      "num-server-rounds": 100, "fraction-train": 0.1, "fraction-evaluate": 0.1,
-                      "evaluate-every": 10, "max-steps": 0, "local-epochs": 5, "batch-size": 32,
-                      "seq-len": 128, "eval-max-batches": 1000, "client-eval-max-batches": 1000,
-                      "personalize-clients": 100}),
+                      "num-server-rounds": 100, "strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.1,
+                      "server.evaluate-every": 10, "train.max-steps": 0, "train.local-epochs": 5, "train.batch-size": 32,
+                      "train.seq-len": 128, "eval.server-max-batches": 1000, "eval.client-max-batches": 1000,
+                      "server.personalize-clients": 100}),
 }
 
 
@@ -87,22 +87,22 @@ def plan(size: str, methods: list[str] | None = None, ablations: bool = True,
     """(run name, run-config overrides) for every run of the suite: the size's methods (or
     ``methods``), the rank-mix runs, then the ablations."""
     spec = SIZES[size]
-    runs = [(m, {"strategy": m}) for m in (methods or spec["methods"])]
+    runs = [(m, {"strategy.name": m}) for m in (methods or spec["methods"])]
     if rank_mix:
         top = max(int(item.split(":")[0]) for item in rank_mix.split(","))
-        runs += [(f"{m}-mix", {"strategy": m, "rank-mix": rank_mix, "lora-rank": top,
-                               "lora-alpha": 2.0 * top}) for m in HET_METHODS]
+        runs += [(f"{m}-mix", {"strategy.name": m, "lora.rank-mix": rank_mix, "lora.rank": top,
+                               "lora.alpha": 2.0 * top}) for m in HET_METHODS]
     if not ablations:
         return runs
     # Ablation runs skip the personalization protocol: they compare global perplexity and bytes.
-    ablation = {"strategy": "fedavg-lora", "personalize-clients": 0}
+    ablation = {"strategy.name": "fedavg-lora", "server.personalize-clients": 0}
     for r in spec["ranks"]:
         if ablation_run(size, "rank", r) != "fedavg-lora":
-            runs.append((f"rank-{r}", {**ablation, "lora-rank": r, "lora-alpha": 2.0 * r}))
+            runs.append((f"rank-{r}", {**ablation, "lora.rank": r, "lora.alpha": 2.0 * r}))
     for e in spec["epochs"]:
         if ablation_run(size, "epochs", e) != "fedavg-lora":
-            extra = {"max-steps": e * spec["steps_per_epoch"]} if spec["steps_per_epoch"] else {}
-            runs.append((f"epochs-{e}", {**ablation, "local-epochs": e, **extra}))
+            extra = {"train.max-steps": e * spec["steps_per_epoch"]} if spec["steps_per_epoch"] else {}
+            runs.append((f"epochs-{e}", {**ablation, "train.local-epochs": e, **extra}))
     return runs
 
 
@@ -169,9 +169,9 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
              f"Backbone `{base['backbone']}`, dataset `{base['dataset']}` partitioned "
              f"`{base['partitioner']}`, {base['num_clients']} clients, "
              f"{base['clients_per_round']} per round, {base['num_rounds']} rounds, "
-             f"max-steps {cfg['max-steps']} x batch {cfg['batch-size']} x seq-len {cfg['seq-len']} "
+             f"max-steps {cfg['train.max-steps']} x batch {cfg['train.batch-size']} x seq-len {cfg['train.seq-len']} "
              f"per client and round. Perplexity is token-weighted; the global test is the first "
-             f"{cfg['eval-max-batches']} batches of the server's held-out set; local perplexities "
+             f"{cfg['eval.server-max-batches']} batches of the server's held-out set; local perplexities "
              f"come from the personalization protocol ({base['final'].get('protocol_clients')} "
              "sampled clients fine-tune the final model one local epoch, capped by max-steps). "
              "Upload bytes are exact serialized model payloads.", "",
@@ -276,7 +276,7 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
 def aggregation_section(runs: dict, names: list[str]) -> list[str]:
     """Exact / heterogeneous-rank aggregation: bytes per round and the measured aggregation
     error ||B_agg A_agg - mean_i B_i A_i|| / ||mean_i B_i A_i||, mean over rounds (0 = exact)."""
-    names = [n for n in names if runs[n]["config"]["strategy"] in AGGREGATION_METHODS]
+    names = [n for n in names if runs[n]["config"]["strategy.name"] in AGGREGATION_METHODS]
     if len(names) < 2:
         return []
     lines = ["## Exact and heterogeneous-rank LoRA aggregation", "",
@@ -288,12 +288,12 @@ def aggregation_section(runs: dict, names: list[str]) -> list[str]:
         errors = [x["aggregation_error"] for x in fed
                   if isinstance(x.get("aggregation_error"), (int, float)) and math.isfinite(x["aggregation_error"])]
         error = f"{sum(errors) / len(errors):.2e}" if errors else "n/a (B stays personal)"
-        lines.append(f"| {n} | {cfg['strategy']} | {cfg.get('rank-mix') or cfg['lora-rank']} | "
+        lines.append(f"| {n} | {cfg['strategy.name']} | {cfg.get('lora.rank-mix') or cfg['lora.rank']} | "
                      f"{_fmt(r['final']['global_ppl'])} | {_fmt(r['final'].get('protocol_personalized_ppl'))} | "
                      f"{sum(x['upload_bytes'] for x in fed) / len(fed):,.0f} B | "
                      f"{sum(x['download_bytes'] for x in fed) / len(fed):,.0f} B | {error} |")
     for n in names:
-        if runs[n]["config"]["strategy"] == "flora":
+        if runs[n]["config"]["strategy.name"] == "flora":
             per_round = ", ".join(f"{x['download_bytes']:,} B" for x in runs[n]["rounds"] if x["round"] > 0)
             lines += ["", f"{n} downlink per round (rounds 1..N, {runs[n]['clients_per_round']} clients "
                       f"per round): {per_round}. It grows by one stacked adapter per client per round "

@@ -1,4 +1,12 @@
-"""ServerApp: run the configured strategy, evaluate the global model, write results as they happen."""
+"""ServerApp: one flow for every task and strategy.
+
+Steps: check the run config (a bad key, value or combination stops here), prepare the task,
+resume from the last checkpoint or start afresh, wait for the nodes, order them by partition,
+train (federated through the strategy, or centralized), evaluate the global model every round,
+checkpoint it with the round state, run the personalization protocol, write the results.
+Everything task-specific is asked of ``get_task(cfg)`` (task/), everything strategy-specific of
+its registry entry (strategies/registry.py).
+"""
 
 from __future__ import annotations
 
@@ -11,25 +19,14 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from strategies import build_strategy, is_full_model, strategy_entry
 from strategies.centralized import train_centralized
-from strategies.common import log, sample_node_ids, split_replies, summarize_client_evals
-from task.config import ConfigError, RunConfig
-from task.data import client_blocks, global_test_blocks, load_corpus
-from task.model import (
-    load_tokenizer,
-    parameter_counts,
-    save_adapter,
-    set_adapter_state,
-    set_full_state,
-    shared_full_model,
-    shared_lora_model,
-)
-from server_app.image import main_image
+from strategies.records import log, split_replies
+from strategies.registry import build_strategy, check_run
+from task import client_row, score, summarize_client_evals
+from task.adapters import save_adapter, set_adapter_state, set_full_state, shared_full_model, shared_lora_model
+from task.config import RunConfig
 from task.privacy import PrivacyAccountant
 from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
-from task.threats import backdoor_success
-from task.train import evaluate_nll
 
 app = ServerApp()
 
@@ -37,47 +34,45 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
-    if cfg.task == "image":  # conditional image generation: server_app/image.py
-        return main_image(grid, cfg)
-    entry = strategy_entry(cfg)
-    out = cfg.output_path
+    task, entry = check_run(cfg)  # so does an option the task or strategy cannot honour
+    m, out, t0 = task.caps.metric, cfg.output_path, time.time()
     resumed = resume_point(cfg, out)  # (last checkpointed round, its state) with resume = true
     if resumed is None:
-        shutil.rmtree(out / "clients", ignore_errors=True)  # personal models of an earlier run
-    log.info("FedGen-Edge: %s on %s/%s, strategy %s, output %s", cfg.backbone, cfg.dataset,
-             cfg.partitioner, cfg.strategy, out)
+        shutil.rmtree(out / "clients", ignore_errors=True)  # personal state of an earlier run
+    log.info("FedGen-Edge: task %s, %s on %s/%s, strategy %s, output %s", task.name,
+             task.backbone_name(cfg), cfg.data.dataset, cfg.data.partitioner, cfg.strategy.name, out)
 
-    t0 = time.time()
-    load_corpus(cfg)  # build the shared corpus cache once, before any client needs it
-    full = is_full_model(cfg)
+    # The task's shared caches (corpus and LDA fit, or the pre-trained generator), the models.
+    prepared = task.prepare(cfg)
+    full = entry.caps.full_model
     lora_model = shared_lora_model(cfg)
     model = shared_full_model(cfg) if full else lora_model
     load = set_full_state if full else set_adapter_state
-    test_blocks = global_test_blocks(cfg)
-    adapter_params, backbone_params = parameter_counts(lora_model)
-    initial_state = entry.module.server_initial_state(cfg)
-    start_round = 0
+    test_data = task.global_test_data(cfg)
+    evaluate = task.evaluator(cfg, test_data, seed=cfg.seed, server=True)
+    adapter_params, backbone_params = task.parameter_counts(lora_model)
+
+    initial_state, start_round = entry.module.server_initial_state(cfg), 0
     if resumed is not None:  # go on from the checkpoint: its global adapter, the real round
         start_round, checkpoint = resumed
         initial_state = {k: checkpoint[k] for k in initial_state}  # the sent keys, in order
         log.info("resuming after round %d from %s", start_round, out / "state.json")
-    initial_arrays = ArrayRecord(initial_state)
-    wait_for_nodes(grid, cfg.min_available_nodes)
+    wait_for_nodes(grid, cfg.server.min_available_nodes)
     num_clients = len(list(grid.get_node_ids()))
-    clients_per_round = max(1, int(num_clients * cfg.fraction_train))
+    clients_per_round = max(1, int(num_clients * cfg.strategy.fraction_train))
     log.info("adapter %d parameters vs backbone %d (%.3f%%); %d clients; setup %.1fs",
              adapter_params, backbone_params, 100 * adapter_params / backbone_params,
              num_clients, time.time() - t0)
 
     recorder = RunRecorder(out, {
-        "task": cfg.task, "backbone": cfg.backbone, "dataset": cfg.dataset,
-        "partitioner": cfg.partitioner, "strategy": cfg.strategy, "num_clients": num_clients,
-        "clients_per_round": clients_per_round, "num_rounds": cfg.num_server_rounds,
-        "adapter_params": adapter_params, "backbone_params": backbone_params,
+        "task": cfg.task, "backbone": task.backbone_name(cfg), "dataset": cfg.data.dataset,
+        "partitioner": cfg.data.partitioner, "strategy": cfg.strategy.name,
+        "num_clients": num_clients, "clients_per_round": clients_per_round,
+        "num_rounds": cfg.num_server_rounds, "adapter_params": adapter_params,
+        "backbone_params": backbone_params,
         "trained_params": backbone_params if full else adapter_params,
-        "global_test_tokens": _eval_tokens(cfg, test_blocks),
-        "config": {RunConfig.key_of(k): v for k, v in cfg.__dict__.items()},
-    })
+        "metric": m, **task.header(cfg, test_data), **prepared, "config": cfg.flat(),
+    }, metric=m, metric_label=task.caps.metric_label)
     if resumed is not None:
         restore_rounds(recorder, out, start_round)
         recorder.results["resumed_after_round"] = start_round
@@ -86,13 +81,13 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_global(server_round: int, arrays: ArrayRecord | dict) -> MetricRecord:
         state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
-        load(model, entry.module.server_global_state(cfg, state))
-        result = evaluate_nll(model, test_blocks, batch_size=cfg.batch_size,
-                              max_batches=cfg.eval_max_batches)
+        global_state = entry.module.server_global_state(cfg, state)
+        load(model, global_state)
+        value = score(task, evaluate(model))
         stats = strategy.round_stats.get(server_round, {}) if strategy else {}
         client_rows = strategy.client_evals.get(server_round, []) if strategy else []
         now = time.time()
-        row = {"round": server_round, "global_ppl": result.perplexity,
+        row = {"round": server_round, f"global_{m}": value,
                "train_loss": stats.get("train_loss", math.nan),
                "upload_bytes": stats.get("upload_bytes", 0),
                "download_bytes": stats.get("download_bytes", 0),
@@ -100,41 +95,41 @@ def main(grid: Grid, context: Context) -> None:
                "num_updates": stats.get("num_updates", 0), "rejected": stats.get("rejected", 0),
                "failures": stats.get("failures", 0), "retries": stats.get("retries", 0),
                "skipped": stats.get("skipped", 0), "dp_epsilon": stats.get("dp_epsilon"),
-               **summarize_client_evals(client_rows),
+               **summarize_client_evals(task, client_rows),
                "aggregation_error": stats.get("aggregation_error", math.nan),
+               **task.attack_metrics(cfg, model, test_data),
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
-        if cfg.attack == "backdoor":  # how well the trigger phrase works on the global model
-            row.update(backdoor_success(cfg, model, load_tokenizer(cfg), test_blocks))
-        recorder.add_round(row, [_client_row(r) for r in client_rows])
-        if server_round and not full and (server_round % cfg.checkpoint_every == 0
-                                          or server_round == cfg.num_server_rounds):
-            save_adapter(lora_model, out / "checkpoints" / f"round-{server_round:04d}",
-                         entry.module.server_global_state(cfg, state))
-            _write_state(out, server_round, recorder)
-        log.info("round %d/%d: global ppl %.2f, train loss %.3f, up %d B, down %d B, %.1fs",
-                 server_round, cfg.num_server_rounds, result.perplexity, row["train_loss"],
+        recorder.add_round(row, [client_row(task, r) for r in client_rows])
+        if server_round % cfg.server.checkpoint_every == 0 or server_round == cfg.num_server_rounds:
+            folder = out / "checkpoints" / f"round-{server_round:04d}"
+            if server_round and not full:
+                save_adapter(lora_model, folder, global_state)
+                _write_state(out, server_round, recorder)
+            for path in task.render_samples(cfg, model, folder):  # the latest beside results
+                shutil.copyfile(path, out / path.name)
+        log.info("round %d/%d: global %s %.2f, train loss %.3f, up %d B, down %d B, %.1fs",
+                 server_round, cfg.num_server_rounds, m, value, row["train_loss"],
                  row["upload_bytes"], row["download_bytes"], row["wall_s"])
-        return MetricRecord({"global-ppl": result.perplexity})
+        return MetricRecord({f"global-{m}": value})
 
     if entry.server is None:  # centralized upper bound: no federation
-        if resumed is not None:
-            raise ConfigError("run-config key 'resume': centralized runs cannot resume")
         evaluate_global(0, entry.module.server_initial_state(cfg))
         final_state = train_centralized(cfg, num_clients, clients_per_round, evaluate_global)
-        personal_rows = _centralized_local_eval(cfg, model, load, final_state, num_clients)
+        personal_rows = _centralized_local_eval(cfg, task, model, load, final_state, num_clients)
     else:
-        strategy = build_strategy(cfg, initial_arrays)
-        strategy.node_order = partition_order(grid, cfg.round_timeout)
-        if cfg.dp_noise_multiplier:
-            strategy.privacy = PrivacyAccountant(cfg.dp_noise_multiplier,
-                                                 clients_per_round / num_clients, cfg.dp_delta)
-            if released_rounds(recorder):  # privacy already spent before a resume
-                strategy.privacy.step(released_rounds(recorder))
-        strategy.round_offset = start_round
+        privacy = None
+        if cfg.dp.enabled:  # epsilon per released round; a resume accounts the rounds before it
+            privacy = PrivacyAccountant(cfg.dp.noise_multiplier, clients_per_round / num_clients,
+                                        cfg.dp.delta)
+            if released_rounds(recorder):
+                privacy.step(released_rounds(recorder))
+        initial_arrays = ArrayRecord(initial_state)
+        strategy = build_strategy(cfg, initial_arrays, privacy=privacy, round_offset=start_round,
+                                  node_order=partition_order(grid, cfg.server.round_timeout))
         result = strategy.start(
             grid=grid, initial_arrays=initial_arrays,
-            num_rounds=cfg.num_server_rounds - start_round, timeout=cfg.round_timeout,
+            num_rounds=cfg.num_server_rounds - start_round, timeout=cfg.server.round_timeout,
             train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
             # Flower counts from round 1 again after a resume; the checkpoint is already evaluated
             evaluate_fn=lambda r, arrays: (evaluate_global(r + start_round, arrays)
@@ -147,19 +142,19 @@ def main(grid: Grid, context: Context) -> None:
         save_adapter(lora_model, out / "global-adapter",
                      entry.module.server_global_state(cfg, final_state))
     rounds = recorder.results["rounds"]
-    last_fed = next((r for r in reversed(rounds) if _finite(r.get("local_global_ppl"))), {})
-    personalization = summarize_client_evals(personal_rows)
-    recorder.add_personalization([_client_row(r) for r in personal_rows])
+    last_fed = next((r for r in reversed(rounds) if _finite(r.get(f"local_global_{m}"))), {})
+    protocol = summarize_client_evals(task, personal_rows)
+    recorder.add_personalization([client_row(task, r) for r in personal_rows])
     recorder.finish({
-        "global_ppl": rounds[-1]["global_ppl"],
-        "initial_global_ppl": rounds[0]["global_ppl"],
-        "local_global_ppl": last_fed.get("local_global_ppl", math.nan),
-        "personalized_ppl": last_fed.get("personalized_ppl", math.nan),
-        "personalized_global_ppl": last_fed.get("personalized_global_ppl", math.nan),
+        f"global_{m}": rounds[-1][f"global_{m}"],
+        f"initial_global_{m}": rounds[0][f"global_{m}"],
+        f"local_global_{m}": last_fed.get(f"local_global_{m}", math.nan),
+        f"personalized_{m}": last_fed.get(f"personalized_{m}", math.nan),
+        f"personalized_global_{m}": last_fed.get(f"personalized_global_{m}", math.nan),
         # the personalization protocol: the final model fine-tuned one local epoch per client
-        "protocol_global_ppl": personalization["local_global_ppl"],
-        "protocol_personalized_ppl": personalization["personalized_ppl"],
-        "protocol_clients": personalization["eval_clients"],
+        f"protocol_global_{m}": protocol[f"local_global_{m}"],
+        f"protocol_personalized_{m}": protocol[f"personalized_{m}"],
+        "protocol_clients": protocol["eval_clients"],
         "upload_bytes_total": sum(r["upload_bytes"] for r in rounds),
         "download_bytes_total": sum(r["download_bytes"] for r in rounds),
         "wall_s": round(time.time() - t0, 1),
@@ -171,7 +166,8 @@ def main(grid: Grid, context: Context) -> None:
 def wait_for_nodes(grid: Grid, count: int) -> None:
     """Deployment: devices connect when they connect; start once ``count`` are online."""
     while (connected := len(list(grid.get_node_ids()))) < count:
-        log.info("waiting for SuperNodes: %d of min-available-nodes %d connected", connected, count)
+        log.info("waiting for SuperNodes: %d of server.min-available-nodes %d connected",
+                 connected, count)
         time.sleep(3)
 
 
@@ -195,15 +191,15 @@ def partition_order(grid: Grid, timeout: float) -> list[int]:
 def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
     """The clients of the personalization protocol: a seeded sample of partition ids, the same
     in every run of a suite (node ids are not: they are drawn anew each run)."""
-    k = min(cfg.personalize_clients, num_clients)
+    k = min(cfg.server.personalize_clients, num_clients)
     return sorted(random.Random(cfg.seed).sample(range(num_clients), k))
 
 
 def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
     """Paper 4.4.3: the sampled clients fine-tune the final model one local epoch and report the
-    local-test perplexity of the global and of the personalized model. Every node gets the
+    local-test metric of the global and of the personalized model. Every node gets the
     message; only the chosen partitions do the work (the others answer at once)."""
-    if not cfg.personalize_clients:
+    if not cfg.server.personalize_clients:
         return []
     nodes = sorted(grid.get_node_ids())
     chosen = personalization_partitions(cfg, len(nodes))
@@ -213,37 +209,23 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
     log.info("personalization: clients %s fine-tune the final model", chosen)
     replies = grid.send_and_receive(
         [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
-        timeout=cfg.round_timeout)
-    valid, _, _ = split_replies(replies, None, "personalization")
+        timeout=cfg.server.round_timeout)
+    valid, _, _ = split_replies(replies, lambda node: None, "personalization")
     rows = [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
             for m, _, _ in valid]
-    return [r for r in rows if r.get("global-tokens", 0) > 0 or r.get("fid-images", 0) > 0]
+    return [r for r in rows if r.get("num-examples", 0) > 0]
 
 
-def _centralized_local_eval(cfg: RunConfig, model, load, state, num_clients: int) -> list[dict]:
-    """The pooled model on the local test sets of the clients the protocol would sample."""
+def _centralized_local_eval(cfg: RunConfig, task, model, load, state, num_clients: int) -> list[dict]:
+    """The pooled model on the local test sets of the clients the protocol would sample (no
+    personal model: it is the same model everywhere)."""
     load(model, state)
     rows = []
     for pid in personalization_partitions(cfg, num_clients):
-        _, test = client_blocks(cfg, pid, num_clients)
-        ev = evaluate_nll(model, test, batch_size=cfg.batch_size,
-                          max_batches=cfg.client_eval_max_batches)
-        rows.append({"partition-id": pid, "global-nll": ev.nll_sum, "global-tokens": ev.tokens,
-                     "personal-nll": 0.0, "personal-tokens": 0})
+        _, test = task.client_data(cfg, pid, num_clients)
+        stats = task.evaluator(cfg, test, seed=cfg.seed + pid, server=False)(model)
+        rows.append({"partition-id": pid, **{f"global-{k}": v for k, v in stats.items()}})
     return rows
-
-
-def _eval_tokens(cfg: RunConfig, blocks) -> int:
-    n_blocks = min(len(blocks), cfg.batch_size * cfg.eval_max_batches)
-    return n_blocks * (blocks.shape[1] - 1)
-
-
-def _client_row(r: dict) -> dict:
-    return {"partition_id": int(r.get("partition-id", -1)),
-            "global_ppl": math.exp(r["global-nll"] / r["global-tokens"]),
-            "personal_ppl": (math.exp(r["personal-nll"] / r["personal-tokens"])
-                             if r.get("personal-tokens") else ""),
-            "tokens": int(r["global-tokens"])}
 
 
 def _write_state(out, server_round: int, recorder: RunRecorder) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State, client_eval_states, server_global_state, server_initial_state  # noqa: F401
-from task.model import (
+from task.adapters import (
+    proximal_penalty,
     adapter_parameters,
     ensure_adapter,
     get_adapter_state,
@@ -26,13 +27,9 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import proximal_penalty, train_local
 
 PERSONAL = "personal"
 
-
-# The personalization protocol fine-tunes this strategy's own personal model.
-PERSONAL_MODEL = True
 
 class Ditto(FedGenStrategy, FedAvg):
     pass
@@ -42,15 +39,15 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     model = shared_lora_model(cfg)
     ensure_adapter(model, cfg, PERSONAL)
     set_adapter_state(model, received)
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     upload = get_adapter_state(model)
 
     personal = load_adapter_file(personal_adapter_dir(cfg, partition_id)) or received
     model.set_adapter(PERSONAL)
     try:
         set_adapter_state(model, personal, PERSONAL)
-        penalty = proximal_penalty(adapter_parameters(model, PERSONAL), received, cfg.ditto_lambda)
-        train_local(model, blocks, penalty=penalty, **local_training_kwargs(cfg, seed))
+        penalty = proximal_penalty(adapter_parameters(model, PERSONAL), received, cfg.strategy.ditto_lambda)
+        train_local(cfg, model, blocks, seed, penalty=penalty)
         personal = get_adapter_state(model, PERSONAL)
     finally:
         model.set_adapter("default")

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State
-from task.model import get_full_state, set_full_state, shared_full_model
-from task.train import train_local
-
-FULL_MODEL = True
+from task.adapters import get_full_state, set_full_state, shared_full_model
 
 
 class FedAvgFull(FedGenStrategy, FedAvg):
@@ -26,7 +23,7 @@ class FedAvgFull(FedGenStrategy, FedAvg):
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
     model = shared_full_model(cfg)
     set_full_state(model, received)
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed, full_model=True))
+    loss = train_local(cfg, model, blocks, seed, full_model=True)
     return get_full_state(model, copy=False), loss  # the ClientApp serializes it at once
 
 

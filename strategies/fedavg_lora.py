@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.lora_aggregation import MeasuredFedAvg
 from task.config import RunConfig
-from task.model import (
+from task.adapters import (
     get_adapter_state,
     load_adapter_file,
     personal_adapter_dir,
@@ -26,7 +26,6 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import train_local
 
 State = dict[str, torch.Tensor]
 
@@ -40,7 +39,7 @@ def client_train(cfg: RunConfig, received: State, partition_id: int, blocks: tor
     """Train the received global adapter locally; upload it, keep it as the personal one."""
     model = shared_lora_model(cfg)
     set_adapter_state(model, received)
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     state = get_adapter_state(model)
     save_adapter(model, personal_adapter_dir(cfg, partition_id), state)
     return state, loss

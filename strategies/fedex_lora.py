@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.common import local_training_kwargs
+from strategies.base import train_local
 from strategies.fedavg_lora import State
 from strategies.lora_aggregation import Correction, RankAwareLoRA, rank_aware_kwargs
 from task.lora_ops import (
@@ -33,8 +33,7 @@ from task.lora_ops import (
     split_correction,
     stacked,
 )
-from task.model import get_adapter_state, initial_adapter_state, set_adapter_state, shared_lora_model
-from task.train import train_local
+from task.adapters import get_adapter_state, initial_adapter_state, set_adapter_state, shared_lora_model
 
 
 class FedExLoRA(RankAwareLoRA):
@@ -72,7 +71,7 @@ def apply_correction(cfg, received: State) -> State:
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
     model = shared_lora_model(cfg)
     set_adapter_state(model, apply_correction(cfg, received))
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     return get_adapter_state(model), loss
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAdam, FedYogi
 
-from strategies.common import FedGenStrategy
+from strategies.base import FedGenStrategy
 from strategies.fedavg_lora import (  # noqa: F401
     client_eval_states,
     client_train,

@@ -15,9 +15,9 @@ import re
 
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State
-from task.model import (
+from task.adapters import (
     get_adapter_state,
     initial_adapter_state,
     load_adapter_file,
@@ -26,13 +26,9 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import train_local
 
 _LAYER = re.compile(r"\.(?:layers|h)\.(\d+)\.")
 
-
-# The personalization protocol fine-tunes this strategy's own personal model.
-PERSONAL_MODEL = True
 
 class FedPer(FedGenStrategy, FedAvg):
     pass
@@ -43,7 +39,7 @@ def personal_keys(cfg, keys) -> set[str]:
     indices = {k: int(m.group(1)) for k in keys if (m := _LAYER.search(k))}
     if not indices:
         raise ValueError("no transformer layer index found in the adapter keys")
-    first_personal = max(indices.values()) + 1 - cfg.fedper_personal_layers
+    first_personal = max(indices.values()) + 1 - cfg.strategy.fedper_personal_layers
     return {k for k, i in indices.items() if i >= first_personal}
 
 
@@ -64,7 +60,7 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     model = shared_lora_model(cfg)
     state, _ = _merged(cfg, received, partition_id)
     set_adapter_state(model, state)
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     trained = get_adapter_state(model)
     save_adapter(model, personal_adapter_dir(cfg, partition_id), trained)
     return shared_state(cfg, trained), loss

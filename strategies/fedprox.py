@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedProx
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State, client_eval_states, server_global_state, server_initial_state  # noqa: F401
-from task.model import (
+from task.adapters import (
+    proximal_penalty,
     adapter_parameters,
     get_adapter_state,
     personal_adapter_dir,
@@ -22,7 +23,6 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import proximal_penalty, train_local
 
 
 class FedProxLoRA(FedGenStrategy, FedProx):
@@ -34,7 +34,7 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     set_adapter_state(model, received)
     mu = float(config["proximal-mu"])
     penalty = proximal_penalty(adapter_parameters(model), received, mu)
-    loss = train_local(model, blocks, penalty=penalty, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed, penalty=penalty)
     state = get_adapter_state(model)
     save_adapter(model, personal_adapter_dir(cfg, partition_id), state)
     return state, loss

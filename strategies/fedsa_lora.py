@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State
 from task.lora_ops import A_SUFFIX
-from task.model import (
+from task.adapters import (
     get_adapter_state,
     initial_adapter_state,
     load_adapter_file,
@@ -25,10 +25,6 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import train_local
-
-# The personalization protocol fine-tunes this strategy's own personal model.
-PERSONAL_MODEL = True
 
 
 class FedSALoRA(FedGenStrategy, FedAvg):
@@ -48,7 +44,7 @@ def _merged(cfg, received: State, partition_id: int) -> tuple[State, bool]:
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
     model = shared_lora_model(cfg)
     set_adapter_state(model, _merged(cfg, received, partition_id)[0])
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     trained = get_adapter_state(model)
     save_adapter(model, personal_adapter_dir(cfg, partition_id), trained)
     return shared_part(trained), loss

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State
 from strategies.lora_aggregation import MeasuredFedAvg
 from task.lora_ops import A_SUFFIX
-from task.model import (
+from task.adapters import (
     adapter_parameters,
     get_adapter_state,
     initial_adapter_state,
@@ -27,7 +27,6 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import train_local
 
 
 class FFALoRA(FedGenStrategy, MeasuredFedAvg):
@@ -50,7 +49,7 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     for p in a_params:
         p.requires_grad_(False)
     try:
-        loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+        loss = train_local(cfg, model, blocks, seed)
     finally:
         for p in a_params:
             p.requires_grad_(True)

@@ -4,7 +4,7 @@ Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogene
 Adaptations", NeurIPS 2024.
 
 Each round every sampled client trains a fresh LoRA adapter of its own rank r_i (the seeded
-initial adapter truncated to r_i; ranks from ``rank-mix`` or the node's device profile, see
+initial adapter truncated to r_i; ranks from ``lora.rank-mix`` or the node's device profile, see
 task.lora_ops.client_rank) on top of the current global model and uploads it. The server stacks
 them: [w_1 B_1 ... w_K B_K] @ [A_1; ...; A_K] = sum_i w_i B_i A_i exactly, whatever the ranks,
 and adds the stacked product to the global model, which clients apply on top of the frozen base
@@ -18,15 +18,12 @@ client: data, backbone. The personalization protocol fine-tunes the final global
 
 from __future__ import annotations
 
-from strategies.common import local_training_kwargs
+from strategies.base import train_local
 from strategies.fedavg_lora import State
 from strategies.fedex_lora import apply_correction
 from strategies.lora_aggregation import Correction, RankAwareLoRA, rank_aware_kwargs
 from task.lora_ops import active_adapter, rank_adapter, stacked, truncate_rank
-from task.model import get_adapter_state, initial_adapter_state, set_adapter_state, shared_lora_model
-from task.train import train_local
-
-HETEROGENEOUS_RANKS = True
+from task.adapters import get_adapter_state, initial_adapter_state, set_adapter_state, shared_lora_model
 
 
 class FLoRA(RankAwareLoRA):
@@ -48,13 +45,13 @@ def flower_kwargs(cfg) -> dict:
 
 
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
-    rank = int(config.get("lora-rank", cfg.lora_rank))
+    rank = int(config.get("lora-rank", cfg.lora.rank))
     model = shared_lora_model(cfg)
     apply_correction(cfg, received)
     name = rank_adapter(model, cfg, rank)
     with active_adapter(model, name):
         set_adapter_state(model, truncate_rank(initial_adapter_state(cfg), rank), name)
-        loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+        loss = train_local(cfg, model, blocks, seed)
         trained = get_adapter_state(model, name)
     return trained, loss
 

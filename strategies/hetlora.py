@@ -3,8 +3,8 @@
 Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models",
 EMNLP 2024.
 
-The server keeps one adapter of rank R = ``lora-rank``. Each client declares a device profile
-(node config ``lora-rank`` or ``memory-mb``; in simulation its share of ``rank-mix``, see
+The server keeps one adapter of rank R = ``lora.rank``. Each client declares a device profile
+(node config ``lora-rank`` or ``memory-mb``; in simulation its share of ``lora.rank-mix``, see
 task.lora_ops.client_rank) and receives the first r_i rank components (A[:r_i], B[:, :r_i]),
 trains them as a rank-r_i peft adapter on the shared backbone (same scale alpha / R for every
 rank), and uploads them. The server zero-pads every update to R and averages each rank component
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from strategies.common import local_training_kwargs
+from strategies.base import train_local
 from strategies.fedavg_lora import State, client_eval_states, server_global_state, server_initial_state  # noqa: F401
 from strategies.lora_aggregation import RankAwareLoRA, rank_aware_kwargs
 from task.lora_ops import (
@@ -34,10 +34,7 @@ from task.lora_ops import (
     rank_of,
     truncate_rank,
 )
-from task.model import get_adapter_state, personal_adapter_dir, save_adapter, set_adapter_state, shared_lora_model
-from task.train import train_local
-
-HETEROGENEOUS_RANKS = True
+from task.adapters import get_adapter_state, personal_adapter_dir, save_adapter, set_adapter_state, shared_lora_model
 
 
 class HetLoRA(RankAwareLoRA):
@@ -68,12 +65,12 @@ def flower_kwargs(cfg) -> dict:
 
 
 def client_train(cfg, received: State, partition_id: int, blocks, seed: int, config):
-    rank = int(config.get("lora-rank", cfg.lora_rank))
+    rank = int(config.get("lora-rank", cfg.lora.rank))
     model = shared_lora_model(cfg)
     name = rank_adapter(model, cfg, rank)
     with active_adapter(model, name):
         set_adapter_state(model, received, name)
-        loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+        loss = train_local(cfg, model, blocks, seed)
         trained = get_adapter_state(model, name)
-    save_adapter(model, personal_adapter_dir(cfg, partition_id), pad_rank(trained, cfg.lora_rank))
+    save_adapter(model, personal_adapter_dir(cfg, partition_id), pad_rank(trained, cfg.lora.rank))
     return trained, loss

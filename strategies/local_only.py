@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import FedGenStrategy, local_training_kwargs
+from strategies.base import FedGenStrategy, train_local
 from strategies.fedavg_lora import State
-from task.model import (
+from task.adapters import (
     get_adapter_state,
     initial_adapter_state,
     load_adapter_file,
@@ -21,13 +21,7 @@ from task.model import (
     set_adapter_state,
     shared_lora_model,
 )
-from task.train import train_local
 
-SENDS_MODEL = False
-
-
-# The personalization protocol fine-tunes this strategy's own personal model.
-PERSONAL_MODEL = True
 
 class LocalOnly(FedGenStrategy, FedAvg):
     pass
@@ -37,7 +31,7 @@ def client_train(cfg, received: State, partition_id: int, blocks, seed: int, con
     model = shared_lora_model(cfg)
     own = load_adapter_file(personal_adapter_dir(cfg, partition_id))
     set_adapter_state(model, own if own is not None else initial_adapter_state(cfg))
-    loss = train_local(model, blocks, **local_training_kwargs(cfg, seed))
+    loss = train_local(cfg, model, blocks, seed)
     save_adapter(model, personal_adapter_dir(cfg, partition_id), get_adapter_state(model))
     return None, loss
 

@@ -7,28 +7,20 @@ flora, hetlora; fedavg-lora measures its error with them too).
   products), accumulated per layer as low-rank factors while they are smaller on the wire than
   the dense matrix, dense afterwards.
 - ``RankAwareLoRA``: serves every client an adapter of its own rank (a per-node payload, its
-  rank in the train config), validates each reply against the shapes of that rank, and leaves
-  the aggregation itself to ``aggregate_lora`` of the subclass.
+  rank in the train config), has each reply validated against the shapes of that rank, and
+  leaves the aggregation itself to ``aggregate_lora`` of the subclass (FedGenStrategy's hooks
+  ``train_messages``, ``spec_for``, ``aggregate_valid``).
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.common import (
-    ArraySpec,
-    array_spec,
-    FedGenStrategy,
-    _single_metrics,
-    log,
-    model_bytes,
-    split_replies,
-)
+from strategies.base import FedGenStrategy
+from strategies.records import ArraySpec, Valid, array_spec, log, single_metrics
+from task.adapters import initial_adapter_state
 from task.lora_ops import (
     A_SUFFIX,
     B_SUFFIX,
@@ -72,10 +64,10 @@ class MeasuredFedAvg(FedAvg):
         if arrays is not None and isinstance(self, FedGenStrategy):
             states = [_linear({**self.fixed_arrays, **to_numpy(m.content[self.arrayrecord_key])})
                       for m in replies]
-            weights = [float(_single_metrics(m.content)[self.weighted_by_key]) for m in replies]
+            weights = [float(single_metrics(m.content)[self.weighted_by_key]) for m in replies]
             aggregated = _linear({**self.fixed_arrays, **to_numpy(arrays)})
             if lora_prefixes(aggregated):
-                self._stats(server_round)["aggregation_error"] = product_error(
+                self.round_stats(server_round)["aggregation_error"] = product_error(
                     products(aggregated), mean_of_products(states, weights))
         return arrays, metrics
 
@@ -170,28 +162,25 @@ class RankAwareLoRA(FedGenStrategy, FedAvg):
         log.info("ranks of %d new nodes: %s", len(unknown),
                  sorted(self.node_rank.get(n, self.max_rank) for n in unknown))
 
-    def configure_train(self, server_round, arrays, config, grid):
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not messages:
-            return []
-        stats = self._stats(server_round)
-        stats["download_bytes"] -= model_bytes(messages[0].content) * len(messages)  # recounted below
-        self.current = to_numpy(arrays)
-        self._learn_ranks(grid, [m.metadata.dst_node_id for m in messages])
+    def train_messages(self, server_round, record, nodes, grid):
+        """Each node gets the global arrays cut to its rank, and its rank in the config."""
+        self.current = to_numpy(record[self.arrayrecord_key])
+        self._learn_ranks(grid, nodes)
         payloads: dict[int, ArrayRecord] = {}
         out = []
-        for m in messages:
-            node = m.metadata.dst_node_id
+        for node in nodes:
             rank = self.node_rank.get(node, self.max_rank)
             if rank not in payloads:
                 payloads[rank] = to_record(self.payload(self.current, rank))
-            config_record = ConfigRecord({**dict(m.content[self.configrecord_key]), "lora-rank": rank})
+            config_record = ConfigRecord({**dict(record[self.configrecord_key]), "lora-rank": rank})
             content = RecordDict({self.arrayrecord_key: payloads[rank],
                                   self.configrecord_key: config_record})
-            stats["download_bytes"] += model_bytes(content)
-            out.append(Message(content=content, message_type=m.metadata.message_type,
-                               dst_node_id=node))
+            out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         return out
+
+    def spec_for(self, node):
+        """A reply is checked against the shapes of its node's own rank."""
+        return rank_spec(self.spec, self.node_rank.get(node, self.max_rank))
 
     # ---------------------------------------------------------------- aggregation
     def aggregate_lora(self, states: list[NpState], weights: list[float]
@@ -199,37 +188,17 @@ class RankAwareLoRA(FedGenStrategy, FedAvg):
         """(new global arrays, the product per layer they stand for); subclasses define it."""
         raise NotImplementedError
 
-    def aggregate_train(self, server_round, replies):
-        replies = list(replies)
-        stats = self._stats(server_round)
-        stats["upload_bytes"] += sum(model_bytes(m.content) for m in replies if not m.has_error())
-        by_rank = defaultdict(list)
-        for m in replies:
-            by_rank[self.node_rank.get(m.metadata.src_node_id, self.max_rank)].append(m)
-        valid, stats["failures"], stats["rejected"] = [], 0, 0
-        for rank, group in sorted(by_rank.items()):  # each reply checked against its own rank
-            ok, failed, rejected = split_replies(group, rank_spec(self.spec, rank), "aggregate_train")
-            valid += ok
-            stats["failures"] += failed
-            stats["rejected"] += rejected
-        stats["num_updates"] = len(valid)
-        if not valid:
-            log.warning("round %d: no valid update, the global model is unchanged", server_round)
-            return None, None
+    def aggregate_valid(self, server_round: int, valid: list[Valid]) -> ArrayRecord:
         weights = [w for _, _, w in valid]
-        losses = [float(_single_metrics(m.content).get("train-loss", math.nan)) for m, _, _ in valid]
-        stats["train_loss"] = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
         states = [arrays for _, arrays, _ in valid]
         new_state, represented = self.aggregate_lora(states, weights)
-        stats["aggregation_error"] = product_error(represented, mean_of_products(states, weights))
-        return to_record(new_state), MetricRecord({"train-loss": stats["train_loss"],
-                                                   "num-updates": len(valid)})
+        self.round_stats(server_round)["aggregation_error"] = product_error(
+            represented, mean_of_products(states, weights))
+        return to_record(new_state)
 
 
 def rank_aware_kwargs(cfg, heterogeneous: bool) -> dict:
     """Constructor arguments of a RankAwareLoRA strategy for this run."""
-    from task.model import initial_adapter_state  # the server holds the model already
-
     return {"adapter_spec": array_spec(ArrayRecord(initial_adapter_state(cfg))),
-            "max_rank": cfg.lora_rank, "heterogeneous": heterogeneous,
-            "query_timeout": cfg.round_timeout}
+            "max_rank": cfg.lora.rank, "heterogeneous": heterogeneous,
+            "query_timeout": cfg.server.round_timeout}

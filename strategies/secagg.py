@@ -1,11 +1,11 @@
-"""Secure aggregation of the adapter updates with Flower's SecAgg+ (``secure-aggregation``).
+"""Secure aggregation of the adapter updates with Flower's SecAgg+ (``secagg.enabled``).
 
 Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020
 (SecAgg+), after Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
 Learning", CCS 2017. Flower ships it for its legacy (FitIns/FitRes) API: the server workflow
 ``SecAggPlusWorkflow`` and the client mod ``secaggplus_mod``. Both are used here unchanged:
 
-- Server (``run_round``, called from FedGenStrategy.configure_train): instead of one plain train
+- Server (``run_round``, called from FedGenStrategy.configure_train, strategies/base.py): instead of one plain train
   message per sampled client, the round's training runs through the workflow's four stages,
   driven on our Grid through a one-round LegacyContext: setup (protocol settings out, two public
   keys back), share keys (each client's mask seed and private key, Shamir-shared among its
@@ -27,18 +27,18 @@ thing a plain FedAvg server publishes, never one client's adapter. What stays on
 its data, its adapter, its personal adapter, its mask seed and private keys.
 
 Quantization (the only difference from the plain mean): a client multiplies its adapter by
-w = round(T n / W) / T (n = num-examples, W = ``secagg-max-weight``, T =
-``secagg-quantization-range``), clips it to [-c, c] (c = ``secagg-clipping-range``) and
+w = round(T n / W) / T (n = num-examples, W = ``secagg.max-weight``, T =
+``secagg.quantization-range``), clips it to [-c, c] (c = ``secagg.clipping-range``) and
 stochastically rounds it onto the T-point grid over [-c, c] (step 2c / T). Per coordinate the
 secure mean differs from the plain weighted mean by at most k * 2c / (T * sum w) (k clients,
 one grid step each) plus max|x| * W / (T * min n) from rounding the weights; an adapter entry
 with |w x| > c is clipped (keep c above the adapter's largest entry). Sums live modulo 2^32:
 clients per round times T must stay below it (checked every round).
 
-Not combinable (refused at start by strategies._check_combination, naming the key): anything
+Not combinable (refused at start by strategies/registry.py, naming the key): anything
 that needs one client's update in the clear — aggregation other than mean, max-update-norm,
-DP's per-update clipping check and unweighted noised mean (dp-noise-multiplier), upload
-compression, retries, heterogeneous-rank and full-model strategies, local-only, the image task.
+DP's per-update clipping check and unweighted noised mean (dp.noise-multiplier), upload
+compression, retries, heterogeneous-rank and full-model strategies, local-only.
 Client dropouts are what SecAgg+ handles: a client that fails after sharing its keys is unmasked
 from its neighbours' shares (up to the reconstruction threshold).
 """
@@ -63,38 +63,21 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from task.config import ConfigError
+from strategies.records import ARRAYS_KEY, NUM_EXAMPLES, TRAIN_LOSS, log, wire_bytes
+from task.config import ConfigError, RunConfig, SecAggConfig
 
 ADAPTER_KEYS = "secagg-adapter-keys"  # FitIns config: the names of the legacy Parameters' arrays
 MODULUS = 2**32  # Flower's default modulus_range: masked sums live modulo it
 
 
-@dataclass(frozen=True)
-class SecAggSettings:
-    """The SecAgg+ knobs of the run config (``secagg-*``)."""
-    num_shares: float = 1.0
-    reconstruction_threshold: float = 0.5
-    clipping_range: float = 1.0
-    quantization_range: int = 2**24
-    max_weight: float = 10000.0
-    timeout: float = 3600.0
-
-    @classmethod
-    def from_config(cls, cfg) -> "SecAggSettings":
-        return cls(num_shares=cfg.secagg_num_shares,
-                   reconstruction_threshold=cfg.secagg_reconstruction_threshold,
-                   clipping_range=cfg.secagg_clipping_range,
-                   quantization_range=cfg.secagg_quantization_range,
-                   max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout)
-
-    def workflow(self) -> SecAggPlusWorkflow:
-        # floats: shares as a proportion of the sampled clients, threshold of the shares
-        return SecAggPlusWorkflow(
-            num_shares=float(self.num_shares),
-            reconstruction_threshold=float(self.reconstruction_threshold),
-            max_weight=self.max_weight, clipping_range=self.clipping_range,
-            quantization_range=self.quantization_range, modulus_range=MODULUS,
-            timeout=self.timeout)
+def workflow(settings: SecAggConfig, timeout: float) -> SecAggPlusWorkflow:
+    """Flower's SecAgg+ server workflow with the run's secagg.* settings."""
+    # floats: shares as a proportion of the sampled clients, threshold of the shares
+    return SecAggPlusWorkflow(
+        num_shares=float(settings.num_shares),
+        reconstruction_threshold=float(settings.reconstruction_threshold),
+        max_weight=settings.max_weight, clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range, modulus_range=MODULUS, timeout=timeout)
 
 
 @dataclass
@@ -117,8 +100,6 @@ class _CountingGrid:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages, *, timeout=None):
-        from strategies.common import wire_bytes
-
         messages = list(messages)
         self.sent += sum(wire_bytes(m.content) for m in messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
@@ -144,13 +125,15 @@ class _OneRound(LegacyFedAvg):
         return (results[0][1].parameters if results else None), {}
 
 
-def run_round(settings: SecAggSettings, grid, server_round: int, messages: list[Message]
-              ) -> SecureRound:
+def run_round(settings: SecAggConfig, timeout: float, grid, server_round: int,
+              messages: list[Message]) -> SecureRound | None:
     """Run one round's training through SecAgg+ with the payload FedGenStrategy built for the
-    sampled nodes (``messages``: the same content to each)."""
+    sampled nodes (``messages``: the same content to each); None when nobody was sampled."""
+    if not messages:
+        return None
     nodes = [m.metadata.dst_node_id for m in messages]
     if len(nodes) * settings.quantization_range >= MODULUS:
-        raise ConfigError(f"run-config key 'secagg-quantization-range' = "
+        raise ConfigError(f"run-config key 'secagg.quantization-range' = "
                           f"{settings.quantization_range}: {len(nodes)} clients per round x "
                           f"quantization range must stay below 2**32 (the masked sums overflow)")
     content = messages[0].content
@@ -171,7 +154,7 @@ def run_round(settings: SecAggSettings, grid, server_round: int, messages: list[
         {WorkflowKey.CURRENT_ROUND: server_round})
     context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         parameters, keep_input=True)
-    settings.workflow()(counting, context)
+    workflow(settings, timeout)(counting, context)
 
     aggregate = None
     if strategy.results:
@@ -184,25 +167,22 @@ def run_round(settings: SecAggSettings, grid, server_round: int, messages: list[
                        sent_bytes=counting.sent, received_bytes=counting.received)
 
 
-def aggregate_round(strategy, server_round: int, stats: dict, result: SecureRound | None,
+def aggregate_round(min_replies: int, server_round: int, stats: dict, result: SecureRound | None,
                     flower_aggregate) -> tuple[ArrayRecord | None, MetricRecord | None]:
     """The strategy's aggregate_train under SecAgg+: the secure mean, handed to the Flower
-    strategy (``flower_aggregate``) as its single update so its own server step still runs."""
-    from strategies.common import ARRAYS_KEY, NUM_EXAMPLES, log
-
+    strategy (``flower_aggregate``) as its single update so its own server step still runs.
+    (The protocol's bytes were counted when it ran: FedGenStrategy.configure_train.)"""
     if result is None:  # nobody was sampled
         return None, None
-    stats.update(download_bytes=result.sent_bytes, upload_bytes=result.received_bytes,
-                 num_updates=len(result.metrics), failures=stats["failures"] + result.dropped)
-    if result.aggregate is None or len(result.metrics) < max(1, strategy.robustness.min_replies):
+    stats.update(num_updates=len(result.metrics), failures=stats["failures"] + result.dropped)
+    if result.aggregate is None or len(result.metrics) < max(1, min_replies):
         stats["skipped"] = 1
         log.warning("round %d: secure aggregation gave no aggregate (%d of %d clients summed, "
                     "min-replies %d): round skipped, the global model is unchanged", server_round,
-                    len(result.metrics), len(result.metrics) + result.dropped,
-                    strategy.robustness.min_replies)
+                    len(result.metrics), len(result.metrics) + result.dropped, min_replies)
         return None, None
     weights = [float(m[NUM_EXAMPLES]) for m in result.metrics]
-    losses = [float(m.get("train-loss", math.nan)) for m in result.metrics]
+    losses = [float(m.get(TRAIN_LOSS, math.nan)) for m in result.metrics]
     stats["train_loss"] = sum(l * w for l, w in zip(losses, weights)) / sum(weights)
     instruction = Message(RecordDict(), dst_node_id=0, message_type=MessageType.TRAIN)
     carrier = Message(RecordDict({
@@ -239,9 +219,9 @@ def _as_legacy_fit(msg: Message, context: Context, call_next) -> Message:
     upload, metrics = reply.content.array_records.get("arrays"), reply.content["metrics"]
     if upload is None or list(upload.keys()) != keys:
         raise ValueError("secure aggregation: the upload must carry the received adapter keys")
-    max_weight = float(context.run_config.get("secagg-max-weight", 0))
+    max_weight = RunConfig.from_run_config(context.run_config).secagg.max_weight
     if metrics["num-examples"] > max_weight:  # Flower would only warn and clip the adapter
-        raise ConfigError(f"run-config key 'secagg-max-weight' = {max_weight}: this client has "
+        raise ConfigError(f"run-config key 'secagg.max-weight' = {max_weight}: this client has "
                           f"{metrics['num-examples']} examples; raise it above the largest client")
     fitres = FitRes(status=Status(Code.OK, ""),
                     parameters=ndarrays_to_parameters([upload[k].numpy() for k in keys]),

@@ -1,4 +1,4 @@
-"""Uplink compression of client updates (``upload-compression``), plain PyTorch.
+"""Uplink compression of client updates (``upload.compression``), plain PyTorch.
 
 A codec encodes the client's *update* (uploaded tensors minus the global tensors it received;
 a key the server did not send counts from zero), and the server adds the decoded update back to

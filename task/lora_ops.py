@@ -1,7 +1,7 @@
 """LoRA algebra behind exact and heterogeneous-rank aggregation (plain numpy / torch, no flwr).
 
 A LoRA layer adds ``scale * B @ A`` to its frozen weight (B: out x r, A: r x in, scale =
-lora-alpha / lora-rank). Averaging A and B separately gives mean(B) mean(A), which is not the
+lora.alpha / lora.rank). Averaging A and B separately gives mean(B) mean(A), which is not the
 mean of the client updates mean(B_i A_i); the helpers here compute products, stack factors
 (sum_i w_i B_i A_i = [w_1 B_1 ... w_K B_K] @ [A_1; ...; A_K], exact for any mix of ranks),
 truncate / zero-pad ranks, measure the aggregation error, and apply a server-side correction
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from task.adapters import ensure_adapter
 from task.config import RunConfig, parse_rank_mix
 
 A_SUFFIX = ".lora_A.weight"
@@ -121,21 +122,21 @@ def client_rank(cfg: RunConfig, node_config: Mapping) -> int:
     """The LoRA rank a client trains, from its device profile in the node config.
 
     An explicit ``lora-rank``, else a ``memory-mb`` budget (MEMORY_TIERS_MB), else its share of
-    the run's ``rank-mix`` (by ``partition-id``, simulation), else ``lora-rank``; never above
-    the server's ``lora-rank``.
+    the run's ``lora.rank-mix`` (by ``partition-id``, simulation), else ``lora.rank``; never
+    above the server's ``lora.rank``.
     """
     if "lora-rank" in node_config:
         rank = int(node_config["lora-rank"])
     elif "memory-mb" in node_config:
         budget = float(node_config["memory-mb"])
-        rank = next((r for limit, r in MEMORY_TIERS_MB if budget < limit), cfg.lora_rank)
-    elif cfg.rank_mix and "partition-id" in node_config:
-        ranks = rank_assignment(parse_rank_mix(cfg.rank_mix), int(node_config["num-partitions"]),
+        rank = next((r for limit, r in MEMORY_TIERS_MB if budget < limit), cfg.lora.rank)
+    elif cfg.lora.rank_mix and "partition-id" in node_config:
+        ranks = rank_assignment(parse_rank_mix(cfg.lora.rank_mix), int(node_config["num-partitions"]),
                                 cfg.seed)
         rank = ranks[int(node_config["partition-id"])]
     else:
-        rank = cfg.lora_rank
-    return max(1, min(rank, cfg.lora_rank))
+        rank = cfg.lora.rank
+    return max(1, min(rank, cfg.lora.rank))
 
 
 # ------------------------------------------------------------------ server-side correction
@@ -185,21 +186,20 @@ def set_base_correction(model: nn.Module, corr: Mapping[str, torch.Tensor] | Non
 # ------------------------------------------------------------------ a rank-r adapter per client
 def correction_scale(cfg: RunConfig) -> float:
     """peft's LoRA scale alpha / r; every rank's adapter uses it (see rank_adapter)."""
-    return cfg.lora_alpha / cfg.lora_rank
+    return cfg.lora.alpha / cfg.lora.rank
 
 
 def rank_adapter(model, cfg: RunConfig, rank: int) -> str:
     """The name of a rank-``rank`` adapter on the shared backbone (added on first use).
 
-    Its alpha is scaled with the rank (alpha * r / lora-rank), so every rank has the same
+    Its alpha is scaled with the rank (alpha * r / lora.rank), so every rank has the same
     scale and a zero-padded rank-r adapter is exactly the rank-lora-rank one.
     """
-    from task.model import ensure_adapter  # task.model imports nothing from here
-
-    if rank == cfg.lora_rank:
+    if rank == cfg.lora.rank:
         return "default"
     name = f"rank-{rank}"
-    ensure_adapter(model, replace(cfg, lora_rank=rank, lora_alpha=cfg.lora_alpha * rank / cfg.lora_rank),
+    ensure_adapter(model, replace(cfg, lora=replace(cfg.lora, rank=rank,
+                                                    alpha=cfg.lora.alpha * rank / cfg.lora.rank)),
                    name)
     return name
 

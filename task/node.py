@@ -6,13 +6,13 @@ engine sets ``partition-id`` and ``num-partitions`` itself). Keys:
 - ``partition-id``, ``num-partitions``: benchmarks: the node trains on that partition of the
   run's corpus (``dataset`` / ``partitioner``), exactly as a simulated client does.
 - ``data-path``: real use: a folder of the device's own UTF-8 ``.txt`` files (searched
-  recursively); see :func:`task.data.local_text_blocks` for how they become train and test data.
+  recursively); see :func:`task.lm.data.local_text_blocks` for how they become train and test data.
 - ``state-dir``: where the node keeps its state (default ``$FEDGEN_EDGE_HOME/node`` for a
   ``data-path`` node; without it a partition node keeps the simulation layout under
   ``output-dir``): ``run-<run id>/personal-adapter/`` (peft format, rewritten after each round
   the node trains in, read back by evaluate and the inference command) and, for a
   ``data-path`` node, ``blocks/`` (the tokenized files, so a fresh ClientApp process does not
-  tokenize again; partitions are cached by task.data.client_blocks).
+  tokenize again; partitions are cached by the task).
 - ``cache-dir``: the device's own backbone / tokenizer / corpus cache, overriding the run
   config's ``cache-dir`` (a path on the server's machine means nothing on a device).
 - ``lora-rank`` or ``memory-mb``: the device profile heterogeneous-rank strategies (hetlora,
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from task import get_task
 from task.config import ConfigError, RunConfig, _resolve, fedgen_home
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "state-dir", "cache-dir",
@@ -90,17 +91,13 @@ class NodeConfig:
         return self.state_path / f"run-{run_id}" if self.state_path else None
 
 
-def node_blocks(cfg: RunConfig, node: NodeConfig):
-    """(train blocks, local-test blocks) of this node: its partition (cached on disk by
-    task.data.client_blocks) or its own files (cached in its state folder)."""
-    from task.data import cached_blocks, client_blocks, local_text_blocks
-
+def node_data(cfg: RunConfig, node: NodeConfig):
+    """(train, local-test) data of this node: its partition of the run's dataset (cached on disk
+    by the task) or its own files (cached in its state folder)."""
+    task = get_task(cfg)
     if not node.data_path:
-        return client_blocks(cfg, node.partition_id, node.num_partitions)
-    root = Path(node.data_path).expanduser()
-    files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
-             for f in sorted(root.rglob("*.txt"))]
-    key = ["text", str(root), files, cfg.backbone, cfg.chunk_words, cfg.seed,
-           cfg.test_fraction, cfg.seq_len]
-    build = lambda: local_text_blocks(cfg, node.data_path)  # noqa: E731
-    return cached_blocks(node.state_path / "blocks", key, build)
+        return task.client_data(cfg, node.partition_id, node.num_partitions)
+    if not task.caps.own_files:
+        raise ConfigError(f"node-config key 'data-path' = {node.data_path!r}: task {cfg.task!r} "
+                          "trains on partitions of the run's dataset only (give partition-id)")
+    return task.own_data(cfg, node.data_path, node.state_path / "blocks")

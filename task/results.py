@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from task.adapters import load_adapter_file
+
 ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes", "eval_bytes",
                 "num_updates", "rejected", "failures", "local_global_ppl", "personalized_ppl",
                 "wall_s", "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
@@ -27,10 +29,11 @@ class RunRecorder:
     # and finish() always draws the final plot.
     plot_every_s = 30.0
 
-    def __init__(self, out_dir: Path, header: dict[str, Any], metric: str = "ppl") -> None:
+    def __init__(self, out_dir: Path, header: dict[str, Any], metric: str = "ppl",
+                 metric_label: str = "perplexity") -> None:
         self.out_dir = out_dir
         # The quality metric in field names: "ppl" (text) or "fid" (image task).
-        self.metric = metric
+        self.metric, self.metric_label = metric, metric_label
         self.round_fields = [f.replace("_ppl", f"_{metric}") for f in ROUND_FIELDS]
         self.client_fields = [f.replace("_ppl", f"_{metric}").replace("tokens", "tokens" if metric == "ppl" else "images")
                               for f in CLIENT_FIELDS]
@@ -95,7 +98,7 @@ class RunRecorder:
                 if _finite(r.get(f"personalized_{m}"))]
         if pers:
             ax1.plot(*zip(*pers), marker="^", ls=":", label="personalized on client tests")
-        ax1.set(xlabel="round", ylabel={"ppl": "perplexity"}.get(m, m.upper()), title=f"{self.results.get('backbone')} / "
+        ax1.set(xlabel="round", ylabel=self.metric_label, title=f"{self.results.get('backbone')} / "
                 f"{self.results.get('strategy')}")
         ax1.legend()
         cumulative, total = [], 0
@@ -147,8 +150,6 @@ def resume_point(cfg, out_dir: Path) -> tuple[int, dict] | None:
     if not path.exists():
         log.warning("resume: no %s, starting from round 0", path)
         return None
-    from task.model import load_adapter_file
-
     state = json.loads(path.read_text())
     tensors = load_adapter_file(out_dir / state["checkpoint"])
     if tensors is None:

@@ -27,6 +27,7 @@ def tiny_cfg(tmp_path):
     """tiny-gpt2 on Shakespeare with big documents (a small corpus: fast LDA)."""
     from task.config import RunConfig
 
-    return RunConfig(backbone="tiny-gpt2", seq_len=32, batch_size=4, chunk_words=400,
-                     lora_dropout=0.0, output_dir=str(tmp_path / "out"),
-                     cache_dir=os.environ["FEDGEN_EDGE_HOME"] + "/cache")
+    return RunConfig.from_run_config({
+        "model.name": "tiny-gpt2", "train.seq-len": 32, "train.batch-size": 4,
+        "data.chunk-words": 400, "lora.dropout": 0.0, "output-dir": str(tmp_path / "out"),
+        "cache-dir": os.environ["FEDGEN_EDGE_HOME"] + "/cache"})

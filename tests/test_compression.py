@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.common import array_spec, model_bytes
+from strategies.records import array_spec, model_bytes
 from strategies.fedavg_lora import FedAvgLoRA
 from task.compression import (compress_upload, decode_update, encode_update, layout_of,
                               residual_path)
@@ -155,7 +155,7 @@ def test_server_decodes_before_aggregating_and_rejects_a_bad_payload(server_iden
 
 
 def test_upload_compression_keys_are_validated():
-    with pytest.raises(ConfigError, match="'upload-compression'"):
-        RunConfig.from_run_config({"upload-compression": "zip"})
-    with pytest.raises(ConfigError, match="'upload-topk-fraction'"):
-        RunConfig.from_run_config({"upload-topk-fraction": 0.0})
+    with pytest.raises(ConfigError, match="'upload.compression'"):
+        RunConfig.from_run_config({"upload.compression": "zip"})
+    with pytest.raises(ConfigError, match="'upload.topk-fraction'"):
+        RunConfig.from_run_config({"upload.topk-fraction": 0.0})

@@ -1,42 +1,79 @@
+import re
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from task.config import ConfigError, RunConfig
+from strategies.registry import check_run
+from task.config import RENAMED, ConfigError, RunConfig, flatten_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+PYPROJECT = (ROOT / "pyproject.toml").read_text()
 
 
-def test_pyproject_defaults_parse_and_match_the_dataclass():
+DEFAULTS = flatten_tables(tomllib.loads(PYPROJECT)["tool"]["flwr"]["app"]["config"])
+
+
+def test_pyproject_defaults_parse_and_match_the_dataclasses():
     cfg = RunConfig.from_run_config(DEFAULTS)
     assert cfg == RunConfig()  # one source of truth: no drift between pyproject and code
-    assert set(DEFAULTS) == {RunConfig.key_of(k) for k in RunConfig.__dataclass_fields__}
+    assert set(DEFAULTS) == set(RunConfig.key_types())
+    assert cfg.flatten_tables() == DEFAULTS
+    assert len(DEFAULTS) == 76 and len(RENAMED) == 70  # 6 top-level keys kept their names
+
+
+def test_every_pyproject_key_has_a_comment():
+    section = PYPROJECT.split("[tool.flwr.app.config]")[1]
+    keys = [line for line in section.splitlines() if re.match(r"^[\w-]+ = ", line)]
+    assert len(keys) == len(DEFAULTS)
+    assert all("  # " in line for line in keys), [k for k in keys if "  # " not in k]
 
 
 @pytest.mark.parametrize("conf", sorted((ROOT / "conf").glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_conf_parses(conf):
-    overrides = tomllib.loads(conf.read_text())
+def test_every_shipped_conf_passes_the_start_up_checks_of_a_run(conf):
+    overrides = flatten_tables(tomllib.loads(conf.read_text()))
     assert set(overrides) <= set(DEFAULTS), "override keys must exist in pyproject"
-    RunConfig.from_run_config({**DEFAULTS, **overrides})
+    task, entry = check_run(RunConfig.from_run_config({**DEFAULTS, **overrides}))
+    assert task.name == overrides.get("task", "lm") and entry.server is not None
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("lora-rank", 0, "'lora-rank'"),
-    ("lora-rank", 2.5, "'lora-rank'"),
-    ("fraction-train", 1.5, "'fraction-train'"),
-    ("dataset", "mnist", "'dataset'"),
-    ("learning-rate", "fast", "'learning-rate'"),
-    ("partitioner", "role", "'partitioner'"),  # needs shakespeare: combined with dataset=ptb below
-    ("lorarank", 8, "lorarank"),
+    ("lora.rank", 0, "'lora.rank'"),
+    ("lora.rank", 2.5, "'lora.rank'"),
+    ("strategy.fraction-train", 1.5, "'strategy.fraction-train'"),
+    ("train.learning-rate", "fast", "'train.learning-rate'"),
+    ("data.partitioner", "role", "'data.partitioner'"),  # needs shakespeare: with data.dataset=ptb
+    ("lora.rnk", 8, "lora.rnk"),
 ])
 def test_bad_key_or_value_names_the_key(key, value, needle):
     config = {**DEFAULTS, key: value}
-    if key == "partitioner":
-        config["dataset"] = "ptb"
+    if key == "data.partitioner":
+        config["data.dataset"] = "ptb"
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_run_config(config)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("data.dataset", "mnist", "'data.dataset'"),
+    ("strategy.name", "fedsgd", "'strategy.name'"),
+    ("task", "audio", "'task'"),
+])
+def test_start_up_check_names_what_no_task_or_strategy_has(key, value, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check_run(RunConfig.from_run_config({key: value}))
+
+
+def test_an_old_flat_key_is_refused_with_its_new_name():
+    with pytest.raises(ConfigError, match=r"'lora-rank' is now 'lora.rank'"):
+        RunConfig.from_run_config({"lora-rank": 4})
+
+
+def test_replace_and_get_by_run_config_key():
+    cfg = RunConfig().replace(**{"lora.rank": 4, "seed": 7})
+    assert (cfg.lora.rank, cfg.seed, cfg.get("lora.rank")) == (4, 7, 4)
+    assert not cfg.is_default("lora.rank") and cfg.is_default("lora.alpha")
+    with pytest.raises(ConfigError, match="'lora.rank'"):
+        RunConfig().replace(**{"lora.rank": -1})
 
 
 def test_relative_output_dir_resolves_under_fedgen_home(monkeypatch, tmp_path):

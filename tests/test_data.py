@@ -1,9 +1,8 @@
-from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from task import data
+from task.lm import data
 from task.config import RunConfig
 
 
@@ -46,14 +45,14 @@ def test_partitions_are_reproducible_disjoint_and_non_iid(tiny_cfg):
     corpus = data.load_corpus(tiny_cfg)
     assert not set(flat) & set(corpus.global_test), "global test is held out"
     # The LDA-Dirichlet split is measurably more skewed than an IID split of the same corpus.
-    iid = data.partition_indices(replace(tiny_cfg, partitioner="iid"), 20)
+    iid = data.partition_indices(tiny_cfg.replace(**{"data.partitioner": "iid"}), 20)
     assert _topic_skew(tiny_cfg, parts) > 2 * _topic_skew(tiny_cfg, iid)
-    other_seed = replace(tiny_cfg, seed=7)
+    other_seed = tiny_cfg.replace(**{"seed": 7})
     assert data.partition_indices(other_seed, 20) != parts
 
 
 def test_role_partitioner_gives_one_speaker_per_client(tiny_cfg):
-    cfg = replace(tiny_cfg, partitioner="role")
+    cfg = tiny_cfg.replace(**{"data.partitioner": "role"})
     corpus = data.load_corpus(cfg)
     parts = data.partition_indices(cfg, 10)
     roles = [{corpus.roles[i] for i in p} for p in parts]
@@ -64,12 +63,12 @@ def test_role_partitioner_gives_one_speaker_per_client(tiny_cfg):
 def test_client_split_train_and_test_are_disjoint(tiny_cfg):
     train, test = data.client_split(tiny_cfg, 3, 20)
     assert train and test and not set(train) & set(test)
-    assert len(test) == max(1, round(tiny_cfg.test_fraction * (len(train) + len(test))))
+    assert len(test) == max(1, round(tiny_cfg.data.test_fraction * (len(train) + len(test))))
     with pytest.raises(ValueError, match="partition-id"):
         data.client_split(tiny_cfg, 20, 20)
 
 
 def test_token_blocks_shape(tiny_cfg):
     train, test = data.client_blocks(tiny_cfg, 0, 20)
-    assert train.shape[1] == test.shape[1] == tiny_cfg.seq_len
+    assert train.shape[1] == test.shape[1] == tiny_cfg.train.seq_len
     assert train.dtype.is_floating_point is False and len(train) > len(test) > 0

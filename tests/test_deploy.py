@@ -26,8 +26,8 @@ def _run_config(tmp_path: Path, *overrides: str) -> dict:
     # Every node trains and evaluates in every sampled round; no final personalization phase.
     return merge_run_config(["conf/smoke.toml",
                              f"output-dir='{tmp_path / 'out'}' cache-dir='{cache}'",
-                             "fraction-train=1.0 fraction-evaluate=1.0 personalize-clients=0",
-                             "min-available-nodes=3",  # rounds wait until all 3 are online
+                             "strategy.fraction-train=1.0 strategy.fraction-evaluate=1.0 server.personalize-clients=0",
+                             "server.min-available-nodes=3",  # rounds wait until all 3 are online
                              *overrides])
 
 
@@ -69,7 +69,7 @@ def test_three_supernodes_with_tls_and_auth_run_two_rounds(tmp_path):
         assert "Exit Code: 305" in (dep.node_dir(3) / "supernode.log").read_text()
         assert dep.online_nodes() == 3
 
-        code = dep.run(_run_config(tmp_path, "evaluate-every=2"), timeout=900)
+        code = dep.run(_run_config(tmp_path, "server.evaluate-every=2"), timeout=900)
     assert not _processes_under(work), "every process started is stopped"
     assert code == 0
 
@@ -98,7 +98,7 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
         # it, and the node is started again; the round-2 evaluation waits for all 3 nodes
         # (min-available-nodes), so node 2 evaluates the adapter it kept on disk; round 3: it
         # trains again.
-        run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 evaluate-every=2"))
+        run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 server.evaluate-every=2"))
         try:
             log = dep.node_dir(2) / "supernode.log"
             _wait(lambda: log.read_text().count("Receiving: train message") >= 2, 600,

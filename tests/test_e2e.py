@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from task.config import RunConfig
-from task.model import load_backbone
+from task.lm.model import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
     assert json.loads((out / "state.json").read_text())["round"] == 2
 
     # The global adapter is a standard peft checkpoint.
-    cfg = RunConfig.from_run_config({"backbone": "tiny-gpt2", "seq-len": 32, "cache-dir": str(cache)})
+    cfg = RunConfig.from_run_config({"model.name": "tiny-gpt2", "train.seq-len": 32, "cache-dir": str(cache)})
     model = PeftModel.from_pretrained(load_backbone(cfg), out / "global-adapter")
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

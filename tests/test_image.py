@@ -12,22 +12,23 @@ from peft import get_peft_model
 from torch import nn
 
 from task.config import RunConfig
-from task.image_data import client_image_rows, public_and_pool, image_partitions, load_images, unpack_rows
-from task.image_model import ConditionalGenerator, LoraConvTranspose2d, image_lora_config
+from task.image.data import client_image_rows, public_and_pool, image_partitions, load_images, unpack_rows
+from task.image.model import ConditionalGenerator, LoraConvTranspose2d, image_lora_config
 
 
 def image_cfg(tmp_path, **overrides) -> RunConfig:
-    values = dict(task="image", dataset="fashion-mnist", partitioner="dirichlet", dirichlet_alpha=0.1,
-                  gan_generator_width=4, gan_discriminator_width=4, pretrain_steps=2, lora_rank=2,
-                  lora_alpha=4.0, lora_dropout=0.0, batch_size=8, output_dir=str(tmp_path / "out"),
-                  cache_dir=os.environ["FEDGEN_EDGE_HOME"] + "/cache")
-    values.update(overrides)
-    return RunConfig(**values)
+    """A tiny image-task config; ``overrides`` by run-config key (``**{"lora.rank": 4}``)."""
+    return RunConfig.from_run_config({
+        "task": "image", "data.dataset": "fashion-mnist", "data.partitioner": "dirichlet",
+        "data.dirichlet-alpha": 0.1, "image.generator-width": 4, "image.discriminator-width": 4,
+        "image.pretrain-steps": 2, "lora.rank": 2, "lora.alpha": 4.0, "lora.dropout": 0.0,
+        "train.batch-size": 8, "output-dir": str(tmp_path / "out"),
+        "cache-dir": os.environ["FEDGEN_EDGE_HOME"] + "/cache", **overrides})
 
 
 def lora_generator(cfg: RunConfig):
     torch.manual_seed(0)
-    return get_peft_model(ConditionalGenerator(10, 1, cfg.gan_generator_width), image_lora_config(cfg))
+    return get_peft_model(ConditionalGenerator(10, 1, cfg.image.generator_width), image_lora_config(cfg))
 
 
 def test_lora_covers_every_generator_conv_transposed_ones_with_our_module(tmp_path):
@@ -51,10 +52,10 @@ def test_lora_at_init_equals_the_frozen_layer_and_merges_to_w_plus_scaled_ba(tmp
         a = layer.lora_A["default"].weight                  # (C_in, r, k, k)
         b = layer.lora_B["default"].weight[:, :, 0, 0]      # (r, C_out)
         c_in, c_out, k, _ = w.shape
-        r = cfg.lora_rank
+        r = cfg.lora.rank
         # W + scale * (B A) reshaped: B^T (C_out x r) times A as an (r x C_in*k*k) matrix.
         ba = (b.t() @ a.permute(1, 0, 2, 3).reshape(r, -1)).reshape(c_out, c_in, k, k).permute(1, 0, 2, 3)
-        expected = w + cfg.lora_alpha / r * ba
+        expected = w + cfg.lora.alpha / r * ba
         adapted = layer(x)
         conv = layer.base_layer
         reference = nn.functional.conv_transpose2d(x, expected, None, conv.stride, conv.padding)
@@ -65,18 +66,17 @@ def test_lora_at_init_equals_the_frozen_layer_and_merges_to_w_plus_scaled_ba(tmp
 
 
 def test_training_changes_only_the_generator_adapter(tmp_path):
-    from task.model import get_adapter_state, initial_adapter_state, shared_lora_model
-    from task.train import train_local
+    from task.adapters import get_adapter_state, initial_adapter_state, set_adapter_state, shared_lora_model
+    from task.image import TASK
 
     cfg = image_cfg(tmp_path)
     model = shared_lora_model(cfg)  # pre-trains the tiny backbone into the test cache once
-    from task.model import set_adapter_state
 
     set_adapter_state(model, initial_adapter_state(cfg))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     disc_before = {k: v.clone() for k, v in model.get_base_model().discriminator_state.items()}
     train_rows, _ = client_image_rows(cfg, 0, 10)
-    loss = train_local(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=3, seed=1)
+    loss = TASK.train(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=3, seed=1)
     assert np.isfinite(loss)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -87,9 +87,9 @@ def test_training_changes_only_the_generator_adapter(tmp_path):
 
 
 def test_a_client_keeps_its_discriminator_between_training_calls(tmp_path):
-    from task.image_train import kept_discriminator, private_discriminator
-    from task.model import initial_adapter_state, set_adapter_state, shared_lora_model
-    from task.train import train_local
+    from task.image.train import kept_discriminator, private_discriminator
+    from task.adapters import initial_adapter_state, set_adapter_state, shared_lora_model
+    from task.image import TASK
 
     cfg = image_cfg(tmp_path)
     model = shared_lora_model(cfg)
@@ -99,7 +99,7 @@ def test_a_client_keeps_its_discriminator_between_training_calls(tmp_path):
 
     def train_call(seed: int) -> None:
         set_adapter_state(model, initial_adapter_state(cfg))
-        train_local(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=2, seed=seed)
+        TASK.train(model, train_rows, epochs=1, batch_size=8, lr=1e-2, max_steps=2, seed=seed)
 
     with kept_discriminator(path):
         assert not path.exists()
@@ -110,7 +110,7 @@ def test_a_client_keeps_its_discriminator_between_training_calls(tmp_path):
         train_call(2)  # starts from the kept one
         second = torch.load(path, weights_only=True)
         assert any(not torch.equal(first[k], second[k]) for k in first)
-    # without a kept file (gan-keep-discriminator = false) every call starts from the pre-trained copy
+    # without a kept file (image.keep-discriminator = false) every call starts from the pre-trained copy
     fresh = private_discriminator(generator).state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in generator.discriminator_state.items())
 
@@ -135,7 +135,7 @@ def test_public_split_is_disjoint_and_dirichlet_skews_labels(tmp_path):
 def test_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_frechet():
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from task.image_fid import FidEvaluator, InceptionFeatures
+    from task.image.fid import FidEvaluator, InceptionFeatures
 
     data = load_images(image_cfg(Path("/tmp")))
     torch.set_num_threads(1)  # InceptionV3 at 299 px on a shared CPU: one thread waits least
@@ -159,9 +159,9 @@ def test_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_fr
 @pytest.mark.parametrize("strategy", ["fedavg-lora", "fedper", "ditto", "local-only", "fedprox",
                                       "fedadam", "fedavg-full"])
 def test_every_strategy_trains_the_image_generator_unchanged(tmp_path, strategy):
-    from strategies import strategy_entry
+    from strategies.registry import strategy_entry
 
-    cfg = image_cfg(tmp_path, strategy=strategy, fedper_personal_layers=1)
+    cfg = image_cfg(tmp_path, **{"strategy.name": strategy, "strategy.fedper-personal-layers": 1})
     module = strategy_entry(cfg).module
     initial = module.server_initial_state(cfg)
     train_rows, _ = client_image_rows(cfg, 1, 10)

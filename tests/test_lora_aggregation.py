@@ -2,7 +2,6 @@
 updates (fedavg-lora inexact, the exact methods at float precision), and what each method
 trains, uploads and keeps."""
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies import STRATEGIES, fedex_lora, fedsa_lora, ffa_lora, flora, hetlora, strategy_entry
-from strategies.common import array_spec, wire_bytes
+from strategies import fedex_lora, fedsa_lora, ffa_lora, flora, hetlora
+from strategies.registry import STRATEGIES, check_run
+from strategies.records import array_spec, wire_bytes
 from strategies.fedavg_lora import FedAvgLoRA
 from strategies.lora_aggregation import Correction
-from task import data
+from task.lm import data
 from task.config import ConfigError, RunConfig
 from task.lora_ops import (
     A_SUFFIX,
@@ -31,14 +31,7 @@ from task.lora_ops import (
     split_correction,
     truncate_rank,
 )
-from task.model import (
-    get_adapter_state,
-    initial_adapter_state,
-    load_adapter_file,
-    personal_adapter_dir,
-    set_adapter_state,
-    shared_lora_model,
-)
+from task.adapters import get_adapter_state, initial_adapter_state, load_adapter_file, personal_adapter_dir, set_adapter_state, shared_lora_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT, IN, RANK = 40, 30, 4
@@ -248,7 +241,7 @@ def test_hetlora_with_one_rank_is_fedavg_lora():
 
 
 def test_rank_mix_assignment_and_device_profiles():
-    cfg = RunConfig(lora_rank=16, rank_mix="2:0.5,8:0.3,16:0.2", seed=3)
+    cfg = RunConfig.from_run_config({"lora.rank": 16, "lora.rank-mix": "2:0.5,8:0.3,16:0.2", "seed": 3})
     ranks = rank_assignment({2: 0.5, 8: 0.3, 16: 0.2}, 20, seed=3)
     assert sorted(ranks) == [2] * 10 + [8] * 6 + [16] * 4
     assert ranks == rank_assignment({2: 0.5, 8: 0.3, 16: 0.2}, 20, seed=3)  # seeded
@@ -257,21 +250,22 @@ def test_rank_mix_assignment_and_device_profiles():
     assert client_rank(cfg, {"lora-rank": 64}) == 16  # never above the server's rank
     assert client_rank(cfg, {"memory-mb": 2048}) == 2
     assert client_rank(cfg, {"memory-mb": 65536}) == 16
-    assert client_rank(replace(cfg, rank_mix=""), {"partition-id": 0, "num-partitions": 20}) == 16
+    assert client_rank(cfg.replace(**{"lora.rank-mix": ""}), {"partition-id": 0, "num-partitions": 20}) == 16
 
 
-@pytest.mark.parametrize("mix,needle", [("2:0.5,8", "'rank-mix'"), ("2:0.5,8:0.2", "'rank-mix'"),
-                                        ("2:0.5,32:0.5", "'rank-mix'")])
+@pytest.mark.parametrize("mix,needle", [("2:0.5,8", "'lora.rank-mix'"), ("2:0.5,8:0.2", "'lora.rank-mix'"),
+                                        ("2:0.5,32:0.5", "'lora.rank-mix'")])
 def test_bad_rank_mix_names_the_key(mix, needle):
     with pytest.raises(ConfigError, match=needle):
-        RunConfig.from_run_config({"rank-mix": mix, "lora-rank": 16})
+        RunConfig.from_run_config({"lora.rank-mix": mix, "lora.rank": 16})
 
 
 def test_rank_mix_needs_a_heterogeneous_strategy():
-    with pytest.raises(ConfigError, match="'rank-mix'"):
-        strategy_entry(RunConfig(strategy="fedavg-lora", rank_mix="2:1"))
+    with pytest.raises(ConfigError, match="'lora.rank-mix'"):
+        check_run(RunConfig.from_run_config({"strategy.name": "fedavg-lora", "lora.rank-mix": "2:1"}))
     for name in ("hetlora", "flora"):
-        assert strategy_entry(RunConfig(strategy=name, rank_mix="2:1")) is STRATEGIES[name]
+        _, entry = check_run(RunConfig.from_run_config({"strategy.name": name, "lora.rank-mix": "2:1"}))
+        assert entry is STRATEGIES[name]
 
 
 # ------------------------------------------------------------------ client behaviour (tiny-gpt2)
@@ -286,7 +280,7 @@ def _split(state):
 
 
 def test_ffa_lora_never_changes_a_and_uploads_only_b(tiny_cfg, blocks):
-    cfg = replace(tiny_cfg, strategy="ffa-lora")
+    cfg = tiny_cfg.replace(**{"strategy.name": "ffa-lora"})
     initial_a, initial_b = _split(initial_adapter_state(cfg))
     received = ffa_lora.server_initial_state(cfg)
     assert set(received) == set(initial_b)
@@ -304,7 +298,7 @@ def test_ffa_lora_never_changes_a_and_uploads_only_b(tiny_cfg, blocks):
 
 
 def test_fedsa_lora_keeps_b_on_the_client(tiny_cfg, blocks):
-    cfg = replace(tiny_cfg, strategy="fedsa-lora")
+    cfg = tiny_cfg.replace(**{"strategy.name": "fedsa-lora"})
     initial_a, _ = _split(initial_adapter_state(cfg))
     upload, _ = fedsa_lora.client_train(cfg, fedsa_lora.server_initial_state(cfg), 0, blocks,
                                         seed=1, config={})
@@ -332,7 +326,7 @@ def test_correction_on_the_base_equals_the_adapter_it_stands_for(tiny_cfg, block
         if k.endswith(A_SUFFIX):
             p = k[:-len(A_SUFFIX)]
             corr[p + ".correction_B"], corr[p + ".correction_A"] = adapter[p + B_SUFFIX], v
-    set_base_correction(model, corr, cfg.lora_alpha / cfg.lora_rank)
+    set_base_correction(model, corr, cfg.lora.alpha / cfg.lora.rank)
     set_adapter_state(model, initial_adapter_state(cfg))  # B = 0: the adapter adds nothing
     with torch.no_grad():
         got = model(input_ids=blocks[:2]).logits
@@ -340,7 +334,7 @@ def test_correction_on_the_base_equals_the_adapter_it_stands_for(tiny_cfg, block
 
 
 def test_flora_and_hetlora_clients_train_their_own_rank(tiny_cfg, blocks):
-    cfg = replace(tiny_cfg, strategy="hetlora", lora_rank=8)
+    cfg = tiny_cfg.replace(**{"strategy.name": "hetlora", "lora.rank": 8})
     initial = initial_adapter_state(cfg)
     upload, _ = hetlora.client_train(cfg, truncate_rank(initial, 2), 0, blocks, seed=1,
                                      config={"lora-rank": 2})
@@ -349,7 +343,7 @@ def test_flora_and_hetlora_clients_train_their_own_rank(tiny_cfg, blocks):
     personal = load_adapter_file(personal_adapter_dir(cfg, 0))
     for k, v in pad_rank(upload, 8).items():
         torch.testing.assert_close(personal[k], v, rtol=0, atol=0)
-    upload, _ = flora.client_train(replace(cfg, strategy="flora"), {}, 1, blocks, seed=1,
+    upload, _ = flora.client_train(cfg.replace(**{"strategy.name": "flora"}), {}, 1, blocks, seed=1,
                                    config={"lora-rank": 4})
     assert all(v.shape[1] == 4 for k, v in upload.items() if k.endswith(B_SUFFIX))
     model = shared_lora_model(cfg)
@@ -368,11 +362,11 @@ def test_suite_plans_the_aggregation_comparison():
                      ablations=False, rank_mix="2:0.5,8:0.3,16:0.2"))
     assert list(runs) == ["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora",
                           "hetlora-mix", "flora-mix"]
-    assert runs["flora-mix"] == {"strategy": "flora", "rank-mix": "2:0.5,8:0.3,16:0.2",
-                                 "lora-rank": 16, "lora-alpha": 32.0}  # alpha / r as at rank 8
+    assert runs["flora-mix"] == {"strategy.name": "flora", "lora.rank-mix": "2:0.5,8:0.3,16:0.2",
+                                 "lora.rank": 16, "lora.alpha": 32.0}  # alpha / r as at rank 8
     for overrides in runs.values():  # every run's config is valid for its strategy
         cfg = RunConfig.from_run_config(overrides)
-        assert strategy_entry(cfg).module is STRATEGIES[overrides["strategy"]].module
+        assert check_run(cfg)[1].module is STRATEGIES[overrides["strategy.name"]].module
 
 
 @pytest.mark.slow
@@ -387,7 +381,7 @@ def test_heterogeneous_ranks_end_to_end(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "4",
          "--flwr-home", str(tmp_path / "flwr"), "--timeout", "600", "--run-config", "conf/smoke.toml",
-         "--run-config", f"strategy='hetlora' rank-mix='2:0.5,8:0.5' personalize-clients=0 "
+         "--run-config", f"strategy.name='hetlora' lora.rank-mix='2:0.5,8:0.5' server.personalize-clients=0 "
                          f"output-dir='{out}' cache-dir='{cache}'"],
         cwd=ROOT, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -2,13 +2,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from task import data, model as M
-from task.train import evaluate_nll, train_local
+from task import adapters as M
+from task.lm import data
+from task.lm import model as lm_model
+from task.lm.train import evaluate_nll, train_local
 
 
 @pytest.fixture
 def lora_model(tiny_cfg):
-    return M.add_lora(tiny_cfg, M.load_backbone(tiny_cfg))
+    return M.add_lora(tiny_cfg, lm_model.load_backbone(tiny_cfg))
 
 
 def test_backbone_is_loaded_once_per_process(tiny_cfg):
@@ -40,7 +42,7 @@ def test_gpt2_fused_c_attn_adapts_exactly_q_and_v(tiny_cfg, lora_model):
 def test_adapter_state_holds_only_lora_tensors_and_round_trips(tiny_cfg, lora_model):
     state = M.get_adapter_state(lora_model)
     assert state and all("lora_" in k for k in state)
-    adapter, backbone = M.parameter_counts(lora_model)
+    adapter, backbone = lm_model.parameter_counts(lora_model)
     # 2 layers x (A: 8x64 + B: 192x8 with its 64 k-rows masked) = 2 x (512 + 1024)
     assert adapter == 2 * (8 * 64 + 128 * 8) and backbone > 100 * adapter
     shifted = {k: v + 1.0 for k, v in state.items()}
@@ -57,7 +59,7 @@ def test_saved_adapter_reloads_with_plain_peft_and_gives_same_logits(tiny_cfg, l
     lora_model.eval()
     with torch.no_grad():
         expected = lora_model(input_ids=blocks[:2]).logits
-    reloaded = PeftModel.from_pretrained(M.load_backbone(tiny_cfg), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(lm_model.load_backbone(tiny_cfg), tmp_path / "adapter")
     reloaded.eval()
     with torch.no_grad():
         got = reloaded(input_ids=blocks[:2]).logits

@@ -11,15 +11,9 @@ import pytest
 import torch
 
 from task.config import ConfigError, RunConfig
-from task.data import local_text_docs
-from task.model import (
-    load_adapter_file,
-    node_state_dir,
-    personal_adapter_dir,
-    save_adapter,
-    shared_lora_model,
-)
-from task.node import NodeConfig, node_blocks
+from task.lm.data import local_text_docs
+from task.adapters import load_adapter_file, node_state_dir, personal_adapter_dir, save_adapter, shared_lora_model
+from task.node import NodeConfig, node_data
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -46,7 +40,7 @@ def test_node_config_partition_or_own_files(tmp_path, monkeypatch):
     with_dir = NodeConfig.from_node_config({"data-path": str(tmp_path), "state-dir": "/x/s",
                                             "cache-dir": "/x/c"})
     assert with_dir.state_path == Path("/x/s")
-    assert with_dir.run_config(RunConfig(cache_dir="/srv/c")).cache_dir == "/x/c"
+    assert with_dir.run_config(RunConfig.from_run_config({"cache-dir": "/srv/c"})).cache_dir == "/x/c"
 
 
 @pytest.mark.parametrize("config,needle", [
@@ -67,7 +61,7 @@ def test_own_text_files_split_deterministically_and_stably(tiny_cfg, tmp_path):
     assert train and test and local_text_docs(tiny_cfg, str(folder)) == (train, test)
     assert "friends romans countrymen" in train[0] and "," not in train[0]  # PTB-style
     n = len(train) + len(test)
-    assert 0.05 < len(test) / n < 0.5  # about test-fraction = 0.2
+    assert 0.05 < len(test) / n < 0.5  # about data.test-fraction = 0.2
     # A new file adds documents but moves none of the existing ones.
     (folder / "new.txt").write_text("\n".join(LINE.format(9000 + i) for i in range(200)))
     train2, test2 = local_text_docs(tiny_cfg, str(folder))
@@ -78,10 +72,10 @@ def test_node_blocks_are_cached_in_the_state_folder(tiny_cfg, tmp_path):
     folder = _text_folder(tmp_path / "data")
     node = NodeConfig.from_node_config({"data-path": str(folder),
                                         "state-dir": str(tmp_path / "state")})
-    train, test = node_blocks(tiny_cfg, node)
-    assert train.shape[1] == tiny_cfg.seq_len and len(test) >= 1
+    train, test = node_data(tiny_cfg, node)
+    assert train.shape[1] == tiny_cfg.train.seq_len and len(test) >= 1
     assert len(list((tmp_path / "state" / "blocks").glob("*.pt"))) == 1
-    again = node_blocks(tiny_cfg, node)
+    again = node_data(tiny_cfg, node)
     assert torch.equal(again[0], train) and torch.equal(again[1], test)
 
 
@@ -131,7 +125,7 @@ def test_generate_command_with_a_saved_adapter(tiny_cfg, tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "generate.py"), "--adapter",
            str(tmp_path / "adapter"), "--prompt", "The stock market", "--max-new-tokens", "8",
            "--temperature", "0", "--run-config",
-           f"backbone='tiny-gpt2' seq-len=32 cache-dir='{tiny_cfg.cache_path}'"]
+           f"model.name='tiny-gpt2' train.seq-len=32 cache-dir='{tiny_cfg.cache_path}'"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
@@ -146,15 +140,14 @@ def test_generate_command_with_a_saved_adapter(tiny_cfg, tmp_path):
 def test_small_device_knobs_bf16_and_gradient_checkpointing(tiny_cfg):
     """Gradient checkpointing gives the same gradients with less memory; bf16 autocast trains
     the adapter (kept in float32) and leaves the backbone frozen."""
-    import dataclasses
 
-    from task.model import get_adapter_state, set_adapter_state
-    from task.train import train_local
+    from task.adapters import get_adapter_state, set_adapter_state
+    from task.lm.train import train_local
 
-    blocks = torch.randint(0, 1000, (8, tiny_cfg.seq_len))
+    blocks = torch.randint(0, 1000, (8, tiny_cfg.train.seq_len))
     grads = []
     for checkpointing in (False, True):
-        cfg = dataclasses.replace(tiny_cfg, gradient_checkpointing=checkpointing)
+        cfg = tiny_cfg.replace(**{"model.gradient-checkpointing": checkpointing})
         model = shared_lora_model(cfg)
         model.train()
         model(input_ids=blocks, labels=blocks).loss.backward()
@@ -179,14 +172,13 @@ def test_client_app_on_own_files_keeps_its_personal_adapter_in_the_state_dir(tin
                                                                             monkeypatch):
     """The ClientApp's train and evaluate handlers as a SuperNode calls them, with a data-path
     and a state-dir: the personal adapter lands in the node's state folder, evaluate reads it."""
-    import dataclasses
 
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from flwr.supercore.task_identity import TaskIdentity
 
     from client_app.app import evaluate, train
-    from task.model import initial_adapter_state
+    from task.adapters import initial_adapter_state
 
     # Messages are stamped with the run/task of the process (a SuperNode sets these).
     for key, value in (("_run_id", 5), ("_task_id", 1), ("_node_id", 1)):
@@ -194,7 +186,7 @@ def test_client_app_on_own_files_keeps_its_personal_adapter_in_the_state_dir(tin
 
     folder = _text_folder(tmp_path / "data")
     state_dir = tmp_path / "state"
-    run_config = {RunConfig.key_of(k): v for k, v in dataclasses.asdict(tiny_cfg).items()}
+    run_config = tiny_cfg.flat()
     context = Context(run_id=5, node_id=1, state=RecordDict(), run_config=run_config,
                       node_config={"data-path": str(folder), "state-dir": str(state_dir)})
 

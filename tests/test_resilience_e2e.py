@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ("num-server-rounds=3 checkpoint-every=1 evaluate-every=3 personalize-clients=0 "
-          "max-steps=2 batch-size=4 "
-          "fraction-train=0.5 client-failure-rate=0.3 min-replies=4 on-too-few-replies='retry' "
-          "max-retries=2 dp-noise-multiplier=0.5 dp-clipping-norm=1.0")
+CONFIG = ("num-server-rounds=3 server.checkpoint-every=1 server.evaluate-every=3 server.personalize-clients=0 "
+          "train.max-steps=2 train.batch-size=4 "
+          "strategy.fraction-train=0.5 threats.client-failure-rate=0.3 robust.min-replies=4 robust.on-too-few-replies='retry' "
+          "robust.max-retries=2 dp.noise-multiplier=0.5 dp.clipping-norm=1.0")
 
 
 def _command(tmp_path: Path, name: str, extra: str = "") -> list[str]:

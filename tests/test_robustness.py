@@ -10,11 +10,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from strategies import STRATEGIES, strategy_entry
-from strategies.common import Robustness, array_spec
-from strategies.lora_aggregation import RankAwareLoRA
-from strategies.robust import aggregate_robust, clip_delta, delta_norm, trimmed_mean
-from task.config import ConfigError, RunConfig
+from strategies.defences import aggregate_robust, clip_delta, delta_norm, trimmed_mean
+from strategies.records import array_spec
+from strategies.registry import STRATEGIES, check_run
+from task.config import ConfigError, DPConfig, RobustConfig, RunConfig
 from task.privacy import PrivacyAccountant
 
 SHAPES = {"h.0.attn.c_attn.lora_A.weight": (2, 3), "h.0.attn.c_attn.lora_B.weight": (3, 2),
@@ -25,8 +24,7 @@ ARRAY_STRATEGIES = sorted(name for name, e in STRATEGIES.items()
                           if e.server is not None and name != "local-only")
 # fedex-lora, flora, hetlora aggregate per-rank adapters themselves: they validate every reply
 # but refuse the robust options at start (test_rank_aware_strategies_refuse_robust_options)
-RANK_AWARE = sorted(name for name in ARRAY_STRATEGIES
-                    if issubclass(STRATEGIES[name].server, RankAwareLoRA))
+RANK_AWARE = sorted(name for name in ARRAY_STRATEGIES if STRATEGIES[name].caps.rank_aware)
 ROBUST_STRATEGIES = [name for name in ARRAY_STRATEGIES if name not in RANK_AWARE]
 
 
@@ -69,7 +67,8 @@ def record(values: dict) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
 
 
-def make(name: str, robustness: Robustness = Robustness(), grid=None):
+def make(name: str, robust: RobustConfig = RobustConfig(), grid=None, dp: DPConfig = DPConfig(),
+         privacy=None):
     """A strategy of the registry, configured for round 1 (FedOpt keeps the sent arrays)."""
     entry = STRATEGIES[name]
     kwargs = {"eta": 0.1} if name in ("fedadam", "fedyogi") else {}
@@ -78,8 +77,8 @@ def make(name: str, robustness: Robustness = Robustness(), grid=None):
     if name in RANK_AWARE:  # GLOBAL is a rank-2 adapter
         kwargs = {"adapter_spec": array_spec(record(GLOBAL)), "max_rank": 2}
     strategy = entry.server(spec=array_spec(record(GLOBAL)), seed=1, num_rounds=3,
-                            fraction_train=1.0, fraction_evaluate=1.0, **kwargs)
-    strategy.robustness = robustness
+                            fraction_train=1.0, fraction_evaluate=1.0, robust=robust, dp=dp,
+                            privacy=privacy, **kwargs)
     strategy.configure_train(1, record(GLOBAL), ConfigRecord(), grid or FakeGrid(4))
     return strategy
 
@@ -135,7 +134,7 @@ def test_fuzz_every_strategy_drops_exactly_the_malformed_updates(name, data, kin
         arrays, n = corrupt(good_values[0], kind, data)
         bad.append(reply(100 + j, arrays, n))
     mixed = data.draw(st.permutations(good + bad))
-    robustness = Robustness(max_update_norm=MAX_NORM)
+    robustness = RobustConfig(max_update_norm=MAX_NORM)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
@@ -153,7 +152,7 @@ def test_fuzz_every_strategy_drops_exactly_the_malformed_updates(name, data, kin
 
 
 def test_norm_screen_measures_the_change_from_the_sent_adapter(caplog):
-    strategy = make("fedavg-lora", Robustness(max_update_norm=1.0))
+    strategy = make("fedavg-lora", RobustConfig(max_update_norm=1.0))
     near = {k: v + 0.1 for k, v in GLOBAL.items()}      # norm 0.1 * sqrt(24) ~ 0.49
     far = {k: v + 0.5 for k, v in GLOBAL.items()}       # norm ~ 2.45
     with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
@@ -202,7 +201,7 @@ def test_every_strategy_resists_one_scaled_attacker(name, method):
                for k, v in GLOBAL.items()} for _ in range(4)]
     attacker = {k: v + 100.0 for k, v in GLOBAL.items()}
     replies = lambda: [reply(i + 1, record(u)) for i, u in enumerate(honest + [attacker])]  # noqa: E731
-    settings_ = Robustness(aggregation=method, norm_bound=0.6, trim_fraction=0.2)
+    settings_ = RobustConfig(aggregation=method, norm_bound=0.6, trim_fraction=0.2)
     robust_arrays, _ = make(name, settings_).aggregate_train(1, replies())
     plain_arrays, _ = make(name).aggregate_train(1, replies())
 
@@ -222,7 +221,7 @@ def test_every_strategy_resists_one_scaled_attacker(name, method):
 
 # ---------------------------------------------------------------- failures: retry or skip
 def test_too_few_replies_skips_the_round(caplog):
-    strategy = make("fedavg-lora", Robustness(min_replies=3))
+    strategy = make("fedavg-lora", RobustConfig(min_replies=3))
     with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
         result = strategy.aggregate_train(1, [reply(1, record(GLOBAL)), reply(2, record(GLOBAL))])
     assert result == (None, None)
@@ -239,7 +238,7 @@ def test_too_few_replies_retries_other_clients_until_enough():
         return reply_to(msg, record({k: v + msg.metadata.dst_node_id for k, v in GLOBAL.items()}))
 
     grid = FakeGrid(10, answer)
-    strategy = make("fedavg-lora", Robustness(min_replies=3, on_too_few_replies="retry",
+    strategy = make("fedavg-lora", RobustConfig(min_replies=3, on_too_few_replies="retry",
                                               max_retries=3), grid)
     strategy.fraction_train = 0.3
     sent = strategy.configure_train(1, record(GLOBAL), ConfigRecord(), grid)
@@ -259,9 +258,9 @@ def test_too_few_replies_retries_other_clients_until_enough():
 # ---------------------------------------------------------------- differential privacy
 def test_dp_mean_is_uniform_noised_seeded_and_accounted():
     def run(seed):
-        strategy = make("fedavg-lora", Robustness(dp_noise_multiplier=1.0, dp_clipping_norm=1.0))
+        strategy = make("fedavg-lora", dp=DPConfig(noise_multiplier=1.0, clipping_norm=1.0),
+                        privacy=PrivacyAccountant(1.0, 0.1, 1e-5))
         strategy.seed = seed
-        strategy.privacy = PrivacyAccountant(1.0, 0.1, 1e-5)
         ups = [{k: v + 0.1 * (i + 1) / math.sqrt(24) for k, v in GLOBAL.items()} for i in range(4)]
         arrays, _ = strategy.aggregate_train(1, [reply(i + 1, record(u), 10 * (i + 1))
                                                  for i, u in enumerate(ups)])
@@ -279,8 +278,8 @@ def test_dp_mean_is_uniform_noised_seeded_and_accounted():
 
 
 def test_dp_rejects_updates_that_were_not_clipped(caplog):
-    strategy = make("fedavg-lora", Robustness(dp_noise_multiplier=0.5, dp_clipping_norm=1.0))
-    strategy.privacy = PrivacyAccountant(0.5, 0.5, 1e-5)
+    strategy = make("fedavg-lora", dp=DPConfig(noise_multiplier=0.5, clipping_norm=1.0),
+                    privacy=PrivacyAccountant(0.5, 0.5, 1e-5))
     unclipped = {k: v + 1.0 for k, v in GLOBAL.items()}
     with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
         strategy.aggregate_train(1, [reply(1, record(GLOBAL)), reply(3, record(unclipped))])
@@ -300,48 +299,43 @@ def test_accountant_epsilon_grows_with_rounds_and_falls_with_noise():
 
 # ---------------------------------------------------------------- run config
 @pytest.mark.parametrize("name", RANK_AWARE)
-@pytest.mark.parametrize("key,value", [("aggregation", "median"), ("dp-noise-multiplier", 1.0),
-                                       ("max-update-norm", 5.0), ("upload-compression", "int8"),
+@pytest.mark.parametrize("key,value", [("robust.aggregation", "median"), ("dp.noise-multiplier", 1.0),
+                                       ("robust.max-update-norm", 5.0), ("upload.compression", "int8"),
                                        ("resume", True)])
 def test_rank_aware_strategies_refuse_robust_options(name, key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        strategy_entry(RunConfig.from_run_config({"strategy": name, key: value}))
+        check_run(RunConfig.from_run_config({"strategy.name": name, key: value}))
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("aggregation", "krum", "'aggregation'"),
-    ("attack", "flood", "'attack'"),
+    ("robust.aggregation", "krum", "'robust.aggregation'"),
+    ("threats.attack", "flood", "'threats.attack'"),
     ("resume", "yes", "'resume'"),
-    ("trim-fraction", 0.5, "'trim-fraction'"),
-    ("client-failure-rate", 1.5, "'client-failure-rate'"),
-    ("on-too-few-replies", "wait", "'on-too-few-replies'"),
-    ("min-replies", 0, "'min-replies'"),
+    ("robust.trim-fraction", 0.5, "'robust.trim-fraction'"),
+    ("threats.client-failure-rate", 1.5, "'threats.client-failure-rate'"),
+    ("robust.on-too-few-replies", "wait", "'robust.on-too-few-replies'"),
+    ("robust.min-replies", 0, "'robust.min-replies'"),
 ])
 def test_bad_robustness_keys_are_named(key, value, needle):
-    from task.config import ConfigError, RunConfig
-
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_run_config({key: value})
 
 
 def test_dp_needs_the_plain_mean():
-    from task.config import ConfigError, RunConfig
-
-    with pytest.raises(ConfigError, match="'aggregation'"):
-        RunConfig.from_run_config({"dp-noise-multiplier": 1.0, "aggregation": "median"})
-    assert RunConfig.from_run_config({"resume": True, "dp-noise-multiplier": 1.0}).resume is True
+    with pytest.raises(ConfigError, match="'robust.aggregation'"):
+        check_run(RunConfig.from_run_config({"dp.noise-multiplier": 1.0,
+                                             "robust.aggregation": "median"}))
+    check_run(RunConfig.from_run_config({"resume": True, "dp.noise-multiplier": 1.0}))
 
 
 # ---------------------------------------------------------------- resume bookkeeping
 def test_resume_restores_rounds_and_client_rows_up_to_the_checkpoint(tmp_path):
     import csv
-    import dataclasses
     import json
 
     import torch
     from safetensors.torch import save_file
 
-    from task.config import RunConfig
     from task.results import RunRecorder, released_rounds, restore_rounds, resume_point
 
     out = tmp_path / "out"
@@ -353,9 +347,9 @@ def test_resume_restores_rounds_and_client_rows_up_to_the_checkpoint(tmp_path):
     save_file({"w": torch.ones(2)}, str(out / "checkpoints" / "round-0002" / "adapter_model.safetensors"))
     (out / "state.json").write_text(json.dumps({"round": 2, "checkpoint": "checkpoints/round-0002"}))
 
-    cfg = RunConfig(output_dir=str(out))
+    cfg = RunConfig.from_run_config({"output-dir": str(out)})
     assert resume_point(cfg, out) is None  # resume is off
-    start, tensors = resume_point(dataclasses.replace(cfg, resume=True), out)
+    start, tensors = resume_point(cfg.replace(**{"resume": True}), out)
     assert start == 2 and torch.equal(tensors["w"], torch.ones(2))
 
     again = RunRecorder(out, {"strategy": "fedavg-lora"})
@@ -366,4 +360,4 @@ def test_resume_restores_rounds_and_client_rows_up_to_the_checkpoint(tmp_path):
     assert [r["global_ppl"] for r in on_disk["rounds"]] == [100.0, 99.0, 98.0]
     with open(out / "clients.csv", newline="") as f:
         assert [row["round"] for row in csv.DictReader(f)] == ["0", "1", "2"]
-    assert resume_point(dataclasses.replace(cfg, resume=True), tmp_path / "empty") is None
+    assert resume_point(cfg.replace(**{"resume": True}), tmp_path / "empty") is None

@@ -2,7 +2,7 @@
 
 import torch
 
-from task import data
+from task.lm import data
 
 
 def test_client_blocks_come_from_the_disk_cache_without_tokenizing(tiny_cfg, monkeypatch):
@@ -17,11 +17,11 @@ def test_client_blocks_come_from_the_disk_cache_without_tokenizing(tiny_cfg, mon
         raise AssertionError("the cached blocks must not be tokenized again")
 
     monkeypatch.setattr(data, "client_split", no_tokenizing)
-    monkeypatch.setattr("task.model.load_tokenizer", no_tokenizing)
+    monkeypatch.setattr(data, "load_tokenizer", no_tokenizing)
     train2, test2 = data.client_blocks(tiny_cfg, 3, 20)
     assert torch.equal(train, train2) and torch.equal(test, test2)
     # another sequence length is another cache entry
-    assert data.client_blocks_path(tiny_cfg.__class__(**{**tiny_cfg.__dict__, "seq_len": 16}),
+    assert data.client_blocks_path(tiny_cfg.replace(**{"train.seq-len": 16}),
                                    3, 20) != path
 
 
@@ -30,7 +30,7 @@ def test_full_state_views_are_frozen_once_serialized(tiny_cfg):
     builds from them must hold the values of that moment."""
     from flwr.app import ArrayRecord
 
-    from task.model import get_full_state, shared_full_model
+    from task.adapters import get_full_state, shared_full_model
 
     model = shared_full_model(tiny_cfg)
     views = get_full_state(model, copy=False)

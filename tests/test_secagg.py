@@ -1,7 +1,6 @@
 """Secure aggregation (SecAgg+, strategies/secagg.py): the real ClientApp and Flower's SecAgg+
 workflow and mod, in-process on a grid that delivers every message as a copy; one end-to-end run."""
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -16,9 +15,9 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import app as client_app
-from strategies import build_strategy, strategy_entry
+from strategies.registry import build_strategy, check_run, strategy_entry
+from task.adapters import initial_adapter_state
 from task.config import ConfigError, RunConfig
-from task.model import initial_adapter_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +34,7 @@ class ClientGrid:
     cross as deep copies, like serialized ones; every reply the server gets is kept."""
 
     def __init__(self, cfg: RunConfig, n: int, drop_at_masking: set[int] = frozenset()):
-        run_config = {RunConfig.key_of(k): v for k, v in dataclasses.asdict(cfg).items()}
+        run_config = cfg.flat()
         self.contexts = {i: Context(run_id=1, node_id=i, state=RecordDict(), run_config=run_config,
                                     node_config={"partition-id": i - 1, "num-partitions": n})
                          for i in range(1, n + 1)}
@@ -66,11 +65,12 @@ def _wire(msg: Message) -> Message:
 
 def one_round(cfg: RunConfig, n: int, drop: set[int] = frozenset()):
     """Round 1 of ``cfg``'s strategy on n clients: (global adapter after it, grid, stats)."""
-    # the seeded initial adapter (the shared in-process model is trained by the clients)
-    initial = ArrayRecord(initial_adapter_state(cfg))
-    strategy = build_strategy(cfg, initial)
+    # what the strategy's server starts from and sends: the seeded initial adapter, or its
+    # shared part (the shared in-process model itself has been trained by the clients)
+    sent = strategy_entry(cfg).module.server_initial_state(cfg)
+    initial = ArrayRecord({k: initial_adapter_state(cfg)[k] for k in sent})
     grid = ClientGrid(cfg, n, drop)
-    strategy.node_order = grid.get_node_ids()
+    strategy = build_strategy(cfg, initial, node_order=grid.get_node_ids())
     messages = strategy.configure_train(1, initial, ConfigRecord(), grid)
     arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages))
     return {k: v.numpy() for k, v in arrays.items()}, grid, strategy.round_stats[1]
@@ -80,7 +80,7 @@ def quantization_tolerance(cfg: RunConfig, weights: list[float], max_abs: float)
     """Largest per-entry gap between the SecAgg+ mean and the plain weighted mean: one grid step
     (2c / T) per client on the weighted values, over the sum of the weights n / W, plus the
     rounding of the weights to 1 / T (strategies/secagg.py), plus float32 rounding."""
-    c, t, w = cfg.secagg_clipping_range, cfg.secagg_quantization_range, cfg.secagg_max_weight
+    c, t, w = cfg.secagg.clipping_range, cfg.secagg.quantization_range, cfg.secagg.max_weight
     total = sum(n / w for n in weights)
     return len(weights) * 2 * c / t / total + max_abs * w / (t * min(weights)) + 1e-6
 
@@ -89,18 +89,20 @@ def test_secure_mean_equals_plain_fedavg_up_to_quantization(tiny_cfg):
     """Round 1 with SecAgg+ on 4 clients, all of them and with one dropping out after sharing
     its keys, against the plain weighted mean of the same clients' uploads (same seeds, so the
     same local training)."""
-    plain_cfg = dataclasses.replace(tiny_cfg, fraction_train=1.0, max_steps=2, learning_rate=0.05)
-    secure_cfg = dataclasses.replace(plain_cfg, secure_aggregation=True,
-                                     secagg_quantization_range=2**16)  # a coarse grid: visible
+    plain_cfg = tiny_cfg.replace(**{"strategy.fraction-train": 1.0, "train.max-steps": 2, "train.learning-rate": 0.05})
+    secure_cfg = plain_cfg.replace(**{"secagg.enabled": True, "secagg.quantization-range": 2**16,
+                                      "secagg.max-weight": 100_000.0,  # 3 clients hold it all
+                                      # its clients start from no personal state, as the plain ones
+                                      "output-dir": plain_cfg.output_dir + "-secure"})  # a coarse grid: visible
     n = 4
     _, plain_grid, _ = one_round(plain_cfg, n)
     uploads = {m.metadata.src_node_id: {k: v.numpy() for k, v in m.content["arrays"].items()}
                for m in plain_grid.replies}
     examples = {m.metadata.src_node_id: float(m.content["metrics"]["num-examples"])
                 for m in plain_grid.replies}
-    assert max(examples.values()) < secure_cfg.secagg_max_weight
+    assert max(examples.values()) < secure_cfg.secagg.max_weight
     max_abs = max(float(np.abs(u[k]).max()) for u in uploads.values() for k in u)
-    assert max_abs < secure_cfg.secagg_clipping_range, "the adapters fit the clipping range"
+    assert max_abs < secure_cfg.secagg.clipping_range, "the adapters fit the clipping range"
 
     for drop in (set(), {2}):
         secure, grid, stats = one_round(secure_cfg, n, drop)
@@ -127,25 +129,71 @@ def test_secure_mean_equals_plain_fedavg_up_to_quantization(tiny_cfg):
 
 
 @pytest.mark.parametrize("overrides, key", [
-    ({"aggregation": "median"}, "aggregation"),
-    ({"max-update-norm": 5.0}, "max-update-norm"),
-    ({"dp-noise-multiplier": 1.0}, "dp-noise-multiplier"),
-    ({"upload-compression": "int8"}, "upload-compression"),
-    ({"on-too-few-replies": "retry"}, "on-too-few-replies"),
-    ({"strategy": "hetlora"}, "strategy"),
-    ({"strategy": "fedavg-full"}, "strategy"),
-    ({"strategy": "local-only"}, "strategy"),
-    ({"secagg-num-shares": 0.0}, "secagg-num-shares"),
-    ({"secagg-quantization-range": 2**31}, "secagg-quantization-range"),
+    ({"robust.aggregation": "median"}, "robust.aggregation"),
+    ({"robust.max-update-norm": 5.0}, "robust.max-update-norm"),
+    ({"dp.noise-multiplier": 1.0}, "dp.noise-multiplier"),
+    ({"upload.compression": "int8"}, "upload.compression"),
+    ({"robust.on-too-few-replies": "retry"}, "robust.on-too-few-replies"),
+    ({"strategy.name": "hetlora"}, "secagg.enabled"),
+    ({"strategy.name": "fedavg-full"}, "secagg.enabled"),
+    ({"strategy.name": "local-only"}, "secagg.enabled"),
+    ({"secagg.num-shares": 0.0}, "secagg.num-shares"),
+    ({"secagg.quantization-range": 2**31}, "secagg.quantization-range"),
 ])
 def test_combinations_that_need_a_clear_update_are_refused_at_start(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        strategy_entry(RunConfig.from_run_config({"secure-aggregation": True, **overrides}))
+        check_run(RunConfig.from_run_config({"secagg.enabled": True, **overrides}))
 
 
-def test_other_strategies_keep_their_server_step_under_secure_aggregation():
-    for name in ("fedprox", "fedadam", "fedper", "ditto", "ffa-lora", "fedsa-lora"):
-        strategy_entry(RunConfig.from_run_config({"secure-aggregation": True, "strategy": name}))
+def secure_vs_plain_gap(plain_cfg: RunConfig, n: int) -> tuple[float, float]:
+    """(largest gap between the SecAgg+ and the plain weighted mean of round 1, its bound)."""
+    secure_cfg = plain_cfg.replace(**{"secagg.enabled": True, "secagg.quantization-range": 2**16,
+                                      "secagg.max-weight": 100_000.0,  # 3 clients hold it all
+                                      # its clients start from no personal state, as the plain ones
+                                      "output-dir": plain_cfg.output_dir + "-secure"})
+    _, plain_grid, _ = one_round(plain_cfg, n)
+    uploads = [{k: v.numpy().astype(np.float64) for k, v in m.content["arrays"].items()}
+               for m in plain_grid.replies]
+    weights = [float(m.content["metrics"]["num-examples"]) for m in plain_grid.replies]
+    plain = {k: sum(w / sum(weights) * u[k] for u, w in zip(uploads, weights)) for k in uploads[0]}
+    max_abs = max(float(np.abs(u[k]).max()) for u in uploads for k in u)
+    assert max_abs < secure_cfg.secagg.clipping_range
+    secure, _, stats = one_round(secure_cfg, n)
+    assert stats["num_updates"] == n and secure.keys() == plain.keys()
+    gap = max(float(np.abs(secure[k] - plain[k]).max()) for k in plain)
+    return gap, quantization_tolerance(secure_cfg, weights, max_abs)
+
+
+@pytest.mark.parametrize("name", ["fedprox", "ditto", "ffa-lora", "fedsa-lora"])
+def test_strategies_with_a_mean_server_step_get_the_secure_mean(tiny_cfg, name):
+    """Their server step is the weighted mean of what they upload (all of the adapter, its
+    global half, B only, A only): under SecAgg+ it is the same mean up to quantization."""
+    cfg = tiny_cfg.replace(**{"strategy.name": name, "strategy.fraction-train": 1.0,
+                              "train.max-steps": 2, "train.learning-rate": 0.05})
+    gap, tolerance = secure_vs_plain_gap(cfg, 3)
+    assert gap <= tolerance, (name, gap, tolerance)
+
+
+def test_image_task_adapters_get_the_secure_mean(tmp_path):
+    """The image task goes through the same server flow and strategy: its generator's
+    convolution adapters are summed masked (stateless clients: no kept discriminator)."""
+    cfg = RunConfig.from_run_config({
+        "task": "image", "data.dataset": "fashion-mnist", "data.partitioner": "dirichlet",
+        "data.dirichlet-alpha": 0.1, "image.generator-width": 4, "image.discriminator-width": 4,
+        "image.pretrain-steps": 2, "image.keep-discriminator": False, "lora.rank": 2,
+        "lora.alpha": 4.0, "lora.dropout": 0.0, "train.batch-size": 8, "train.max-steps": 2,
+        "strategy.fraction-train": 1.0, "output-dir": str(tmp_path / "out"),
+        "cache-dir": os.environ["FEDGEN_EDGE_HOME"] + "/cache"})
+    gap, tolerance = secure_vs_plain_gap(cfg, 3)
+    assert gap <= tolerance, (gap, tolerance)
+
+
+def test_server_optimizers_keep_their_step_under_secure_aggregation():
+    for name in ("fedadam", "fedyogi"):
+        cfg = RunConfig.from_run_config({"secagg.enabled": True, "strategy.name": name})
+        _, entry = check_run(cfg)
+        strategy = build_strategy(cfg, ArrayRecord())
+        assert isinstance(strategy, entry.server) and strategy.secure == cfg.secagg
 
 
 @pytest.mark.slow
@@ -158,8 +206,8 @@ def test_flwr_run_with_secure_aggregation(tmp_path):
         [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "4",
          "--flwr-home", str(tmp_path / "flwr"), "--timeout", "600",
          "--run-config", "conf/smoke.toml",
-         "--run-config", f"output-dir='{out}' cache-dir='{cache}' secure-aggregation=true "
-                         "fraction-train=0.75 num-server-rounds=2 personalize-clients=0"],
+         "--run-config", f"output-dir='{out}' cache-dir='{cache}' secagg.enabled=true "
+                         "strategy.fraction-train=0.75 num-server-rounds=2 server.personalize-clients=0"],
         cwd=ROOT, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

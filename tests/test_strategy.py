@@ -7,7 +7,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 
 from flwr.supercore.task_identity import TaskIdentity
 
-from strategies.common import array_spec, sample_node_ids, wire_bytes
+from strategies.base import sample_node_ids
+from strategies.records import array_spec, wire_bytes
 from strategies.fedavg_lora import FedAvgLoRA
 
 @pytest.fixture(autouse=True)
@@ -34,9 +35,9 @@ def _reply(node_id: int, arrays: ArrayRecord | None, num_examples=10, loss=1.0) 
     return Message(content, reply_to=instruction)
 
 
-def _strategy() -> FedAvgLoRA:
+def _strategy(**kwargs) -> FedAvgLoRA:
     return FedAvgLoRA(spec=array_spec(_arrays(lambda k: 0.0)), seed=1, num_rounds=3,
-                      fraction_train=0.1, fraction_evaluate=0.1)
+                      fraction_train=0.1, fraction_evaluate=0.1, **kwargs)
 
 
 def test_aggregation_equals_hand_computed_weighted_mean():
@@ -151,6 +152,5 @@ class _Grid:
 
 
 def test_strategy_orders_connected_nodes_by_partition():
-    strategy = _strategy()
-    strategy.node_order = [30, 10, 20]          # partitions 0, 1, 2
+    strategy = _strategy(node_order=[30, 10, 20])  # partitions 0, 1, 2
     assert strategy._ordered_nodes(_Grid([20, 10, 99, 30])) == [30, 10, 20, 99]

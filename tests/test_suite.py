@@ -19,8 +19,8 @@ def test_suite_plan_covers_methods_and_both_ablations():
     assert {"rank-2", "rank-4", "rank-16", "rank-32"} <= set(names)  # rank 8 is fedavg-lora
     assert {"epochs-1", "epochs-2", "epochs-5", "epochs-10", "epochs-20"} <= set(names)
     overrides = dict(plan("quick"))
-    assert overrides["epochs-20"]["max-steps"] == 20 and overrides["epochs-1"]["max-steps"] == 1
-    assert overrides["rank-32"]["lora-rank"] == 32
+    assert overrides["epochs-20"]["train.max-steps"] == 20 and overrides["epochs-1"]["train.max-steps"] == 1
+    assert overrides["rank-32"]["lora.rank"] == 32
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""Simulated attackers and failures (task/threats.py) and the client's DP clipping mod."""
+"""Simulated attackers and failures (client_app/simulated_threats.py, task/lm/backdoor.py) and
+the client's DP clipping mod."""
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -9,31 +9,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import dp_clipping_mod
-from strategies.robust import delta_norm
-from task.data import client_blocks
-from task.model import get_adapter_state, load_tokenizer, set_adapter_state, shared_lora_model
-from task.threats import (
-    attacked_upload,
-    backdoor_blocks,
-    backdoor_success,
-    fails_this_round,
-    malicious_partitions,
-    trigger_ids,
-)
-from task.train import train_local
+from client_app.simulated_threats import attacked_upload, fails_this_round, malicious_partitions
+from strategies.defences import delta_norm
+from task.adapters import get_adapter_state, set_adapter_state, shared_lora_model
+from task.lm.backdoor import backdoor_blocks, backdoor_success, trigger_ids
+from task.lm.data import client_blocks
+from task.lm.model import load_tokenizer
+from task.lm.train import train_local
 
 
 def test_malicious_partitions_are_a_seeded_fraction(tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, attack="scaled", attack_fraction=0.3)
+    cfg = tiny_cfg.replace(**{"threats.attack": "scaled", "threats.attack-fraction": 0.3})
     chosen = malicious_partitions(cfg, 20)
     assert len(chosen) == 6 and chosen <= set(range(20))
     assert chosen == malicious_partitions(cfg, 20)
-    assert malicious_partitions(dataclasses.replace(cfg, attack="none"), 20) == set()
+    assert malicious_partitions(cfg.replace(**{"threats.attack": "none"}), 20) == set()
 
 
 @pytest.mark.parametrize("attack,sign", [("scaled", 1.0), ("sign-flip", -1.0), ("backdoor", 1.0)])
 def test_attacked_upload_scales_or_flips_the_change(tiny_cfg, attack, sign):
-    cfg = dataclasses.replace(tiny_cfg, attack=attack, attack_scale=5.0)
+    cfg = tiny_cfg.replace(**{"threats.attack": attack, "threats.attack-scale": 5.0})
     received = {"w": torch.ones(3)}
     honest = {"w": torch.tensor([1.5, 1.0, 0.0])}
     out = attacked_upload(cfg, received, honest)
@@ -41,7 +36,7 @@ def test_attacked_upload_scales_or_flips_the_change(tiny_cfg, attack, sign):
 
 
 def test_failures_are_seeded_and_near_the_rate(tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, client_failure_rate=0.3)
+    cfg = tiny_cfg.replace(**{"threats.client-failure-rate": 0.3})
     draws = [fails_this_round(cfg, r, p) for r in range(1, 11) for p in range(100)]
     assert 0.25 < np.mean(draws) < 0.35
     assert draws == [fails_this_round(cfg, r, p) for r in range(1, 11) for p in range(100)]
@@ -49,7 +44,7 @@ def test_failures_are_seeded_and_near_the_rate(tiny_cfg):
 
 
 def test_backdoor_training_pulls_the_trigger_toward_the_target(tiny_cfg):
-    cfg = dataclasses.replace(tiny_cfg, attack="backdoor")
+    cfg = tiny_cfg.replace(**{"threats.attack": "backdoor"})
     tokenizer = load_tokenizer(cfg)
     train, test = client_blocks(cfg, 0, 4)
     poisoned = backdoor_blocks(cfg, train[:48], tokenizer, seed=1)

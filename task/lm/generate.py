@@ -1,8 +1,6 @@
 """Inference with the frozen backbone plus one adapter (the global checkpoint or a device's
 personal adapter), offline: nothing is downloaded for the built-in backbones.
-
-One generator per task (the ``task`` config key), all with the same shape
-``generate(cfg, adapter_dir, **options) -> result``; scripts/generate.py picks by ``cfg.task``.
+(scripts/generate.py is its command line.)
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ import torch
 from peft import PeftModel
 
 from task.config import RunConfig
-from task.data import ptb_normalize
-from task.model import load_backbone, load_tokenizer
+from task.lm.data import ptb_normalize
+from task.lm.model import load_backbone, load_tokenizer
 
 
 def load_for_inference(cfg: RunConfig, adapter_dir: Path | None):
@@ -48,5 +46,3 @@ def generate_text(cfg: RunConfig, adapter_dir: Path | None, prompt: str, *,
                             pad_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
-
-GENERATORS = {"lm": generate_text}

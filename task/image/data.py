@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from task.config import RunConfig
+from task.config import ImageConfig, RunConfig
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SIZE = 32
@@ -112,7 +112,7 @@ def load_cifar10(cache_dir: Path) -> ImageDataset:  # pragma: no cover - needs t
 
 
 def load_images(cfg: RunConfig) -> ImageDataset:
-    return _load_images(cfg.dataset, cfg.cache_path)
+    return _load_images(cfg.data.dataset, cfg.cache_path)
 
 
 @lru_cache(maxsize=2)
@@ -123,10 +123,9 @@ def _load_images(dataset: str, cache_path: Path) -> ImageDataset:
 def _split_key(cfg: RunConfig) -> RunConfig:
     """The config reduced to what the splits depend on (so runs and tests that differ in
     anything else, e.g. the strategy, share the cached partitions)."""
-    return RunConfig(task=cfg.task, dataset=cfg.dataset, partitioner=cfg.partitioner,
-                     dirichlet_alpha=cfg.dirichlet_alpha, seed=cfg.seed,
-                     pretrain_fraction=cfg.pretrain_fraction, test_fraction=cfg.test_fraction,
-                     fid_images=cfg.fid_images, cache_dir=str(cfg.cache_path))
+    return RunConfig(task=cfg.task, seed=cfg.seed, cache_dir=str(cfg.cache_path), data=cfg.data,
+                     image=ImageConfig(pretrain_fraction=cfg.image.pretrain_fraction,
+                                       fid_images=cfg.image.fid_images))
 
 
 # --------------------------------------------------------------------------- rows
@@ -152,7 +151,7 @@ def public_and_pool(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
 def _public_and_pool(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     n = len(load_images(cfg).train_labels)
     order = np.random.default_rng(cfg.seed).permutation(n)
-    n_public = int(round(cfg.pretrain_fraction * n))
+    n_public = int(round(cfg.image.pretrain_fraction * n))
     return np.sort(order[:n_public]), np.sort(order[n_public:])
 
 
@@ -169,12 +168,12 @@ def _image_partitions(cfg: RunConfig, num_partitions: int) -> tuple[np.ndarray, 
     _, pool = public_and_pool(cfg)
     labels = load_images(cfg).train_labels[pool]
     ds = Dataset.from_dict({"index": pool, "label": labels})
-    if cfg.partitioner == "iid":
+    if cfg.data.partitioner == "iid":
         ds = ds.shuffle(seed=cfg.seed).flatten_indices()
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                           alpha=cfg.dirichlet_alpha, min_partition_size=4,
+                                           alpha=cfg.data.dirichlet_alpha, min_partition_size=4,
                                            self_balancing=True, seed=cfg.seed)
     partitioner.dataset = ds
     return tuple(np.asarray(partitioner.load_partition(p).with_format("numpy")[:]["index"])
@@ -195,7 +194,7 @@ def _client_image_rows(cfg: RunConfig, partition_id: int,
     data = load_images(cfg)
     idx = image_partitions(cfg, num_partitions)[partition_id]
     idx = idx[np.random.default_rng([cfg.seed, partition_id]).permutation(len(idx))]
-    n_test = min(len(idx) - 1, max(1, int(round(cfg.test_fraction * len(idx)))))
+    n_test = min(len(idx) - 1, max(1, int(round(cfg.data.test_fraction * len(idx)))))
     train, test = np.sort(idx[n_test:]), np.sort(idx[:n_test])
     return (pack_rows(data.train_images[train], data.train_labels[train]),
             pack_rows(data.train_images[test], data.train_labels[test]))
@@ -210,7 +209,7 @@ def public_rows(cfg: RunConfig) -> torch.Tensor:
 
 @lru_cache(maxsize=4)
 def global_test_rows(cfg: RunConfig) -> torch.Tensor:
-    """The server's FID reference: ``fid-images`` test images, a seeded sample of the test split."""
+    """The server's FID reference: ``image.fid-images`` test images, a seeded sample of the test split."""
     data = load_images(cfg)
-    order = np.random.default_rng(cfg.seed).permutation(len(data.test_labels))[:cfg.fid_images]
+    order = np.random.default_rng(cfg.seed).permutation(len(data.test_labels))[:cfg.image.fid_images]
     return pack_rows(data.test_images[order], data.test_labels[order])

@@ -1,4 +1,4 @@
-"""Local training and token-weighted perplexity: plain PyTorch loops."""
+"""Local training of a causal LM and token-weighted perplexity: plain PyTorch loops."""
 
 from __future__ import annotations
 
@@ -20,17 +20,6 @@ class EvalResult:
         return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
 
 
-def proximal_penalty(params: dict[str, nn.Parameter], reference: dict[str, torch.Tensor],
-                     coef: float) -> Callable[[], torch.Tensor]:
-    """coef/2 * ||w - w_ref||^2 over the named parameters (FedProx's mu, Ditto's lambda)."""
-    pairs = [(params[k], reference[k].detach().to(params[k].device)) for k in params]
-
-    def penalty() -> torch.Tensor:
-        return 0.5 * coef * sum(((p - ref) ** 2).sum() for p, ref in pairs)
-
-    return penalty
-
-
 def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_size: int,
                 lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0,
                 penalty: Callable[[], torch.Tensor] | None = None,
@@ -43,14 +32,7 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
     ``after_step(n)`` runs after optimizer step n (it may evaluate: training mode is restored).
     ``precision="bf16"`` runs forward passes under bf16 autocast (the adapter and optimizer state
     stay float32), on whatever device the model is on.
-    An image generator trains as a GAN instead (task/image_train.py, same contract).
     """
-    from task.image_train import base_generator, train_gan_local
-
-    if base_generator(model) is not None:
-        return train_gan_local(model, blocks, epochs=epochs, batch_size=batch_size, lr=lr,
-                               weight_decay=weight_decay, max_steps=max_steps, seed=seed,
-                               penalty=penalty, after_step=after_step)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)

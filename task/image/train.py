@@ -9,7 +9,7 @@ run freezes the generator and federates only LoRA adapters.
 
 The discriminator's fate: it is never federated. Each client trains a private discriminator
 next to the generator adapter; it starts as a copy of the pre-trained one and, with
-``gan-keep-discriminator`` (the default), persists between rounds in the client's state folder
+``image.keep-discriminator`` (the default), persists between rounds in the client's state folder
 beside its personal adapter (``discriminator.pt``). Why private: (1) only the generator is the
 model users want, so only its adapter needs to travel (the discriminator would add 1.8M
 parameters to every upload at the paper size); (2) a discriminator that saw one client's one or
@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from task.config import RunConfig
-from task.image_data import load_images, public_rows, unpack_rows
-from task.image_fid import FidEvaluator, to_uint8
-from task.image_model import (
+from task.image.data import load_images, public_rows, unpack_rows
+from task.image.fid import FidEvaluator, to_uint8
+from task.image.model import (
     NOISE_DIM,
     ConditionalDiscriminator,
     ConditionalGenerator,
@@ -55,8 +55,8 @@ ADAM_BETAS = (0.5, 0.999)  # DCGAN's Adam setting
 
 
 def backbone_dir(cfg: RunConfig) -> Path:
-    name = (f"cdcgan-{cfg.dataset}-g{cfg.gan_generator_width}-d{cfg.gan_discriminator_width}"
-            f"-steps{cfg.pretrain_steps}-public{cfg.pretrain_fraction:g}-seed{cfg.seed}")
+    name = (f"cdcgan-{cfg.data.dataset}-g{cfg.image.generator_width}-d{cfg.image.discriminator_width}"
+            f"-steps{cfg.image.pretrain_steps}-public{cfg.image.pretrain_fraction:g}-seed{cfg.seed}")
     return cfg.cache_path / "backbones" / name
 
 
@@ -94,9 +94,9 @@ def pretrain(cfg: RunConfig) -> dict:
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=PRETRAIN_LR, betas=ADAM_BETAS)
     gen = torch.Generator().manual_seed(cfg.seed)
     log.info("pre-training the generator backbone on %d public images, %d steps", len(rows),
-             cfg.pretrain_steps)
+             cfg.image.pretrain_steps)
     t0 = time.time()
-    for step in range(1, cfg.pretrain_steps + 1):
+    for step in range(1, cfg.image.pretrain_steps + 1):
         batch = rows[torch.randint(len(rows), (PRETRAIN_BATCH,), generator=gen)]
         real, labels = unpack_rows(batch, data.channels)
         noise = torch.randn(len(batch), NOISE_DIM, generator=gen)
@@ -105,7 +105,7 @@ def pretrain(cfg: RunConfig) -> dict:
         if step % 250 == 0:
             log.info("pretrain step %d: d loss %.3f, g loss %.3f, %.0fs", step, d_loss, g_loss,
                      time.time() - t0)
-    record = {"pretrain_steps": cfg.pretrain_steps, "pretrain_batch": PRETRAIN_BATCH,
+    record = {"pretrain_steps": cfg.image.pretrain_steps, "pretrain_batch": PRETRAIN_BATCH,
               "public_images": len(rows), "pretrain_s": round(time.time() - t0, 1),
               "generator_params": sum(p.numel() for p in generator.parameters()),
               "discriminator_params": sum(p.numel() for p in discriminator.parameters())}
@@ -117,22 +117,27 @@ def pretrain(cfg: RunConfig) -> dict:
     return record
 
 
+def ensure_pretrained(cfg: RunConfig) -> dict:
+    """The backbone's pre-training record, pre-training it first if it is not cached."""
+    path = backbone_dir(cfg) / "pretrain.json"
+    return json.loads(path.read_text()) if path.exists() else pretrain(cfg)
+
+
 def load_generator_backbone(cfg: RunConfig) -> ConditionalGenerator:
     """The pre-trained generator (pre-trained first if not cached). Its pre-trained
     discriminator rides along as the plain attribute ``discriminator_state`` (not a submodule:
     it is neither trained with the generator's parameters nor part of its state)."""
-    if cfg.image_torch_threads:  # small convolutions: extra OpenMP threads mostly wait on a busy CPU
-        torch.set_num_threads(cfg.image_torch_threads)
+    if cfg.image.torch_threads:  # small convolutions: extra OpenMP threads mostly wait on a busy CPU
+        torch.set_num_threads(cfg.image.torch_threads)
+    record = ensure_pretrained(cfg)
     target = backbone_dir(cfg)
-    if not (target / "pretrain.json").exists():
-        pretrain(cfg)
     data = load_images(cfg)
     generator = build_generator(cfg, data.num_classes, data.channels)
     generator.load_state_dict(torch.load(target / "generator.pt", weights_only=True))
     generator.discriminator_state = torch.load(target / "discriminator.pt", weights_only=True)
-    generator.discriminator_width = cfg.gan_discriminator_width
-    generator.discriminator_lr = cfg.gan_discriminator_learning_rate
-    generator.pretrain_record = json.loads((target / "pretrain.json").read_text())
+    generator.discriminator_width = cfg.image.discriminator_width
+    generator.discriminator_lr = cfg.image.discriminator_learning_rate
+    generator.pretrain_record = record
     return generator
 
 
@@ -172,7 +177,7 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
                     penalty: Callable[[], torch.Tensor] | None = None,
                     after_step: Callable[[int], None] | None = None) -> float:
     """GAN training of the generator's trainable parameters (its adapter, or every weight for
-    full fine-tuning) against a private discriminator copy: task.train.train_local's contract
+    full fine-tuning) against a private discriminator copy: task.lm.train.train_local's contract
     (same arguments, returns the mean generator loss)."""
     generator = base_generator(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,8 +262,8 @@ def summarize_client_fids(rows: list[dict]) -> dict:
     clients that hold a personal adapter (same clients, same images).
     """
     def mean(rs: list[dict], which: str) -> float:
-        n = sum(r["fid-images"] for r in rs)
-        return sum(r[f"{which}-fid"] * r["fid-images"] for r in rs) / n if n else math.nan
+        n = sum(r["image.fid-images"] for r in rs)
+        return sum(r[f"{which}-fid"] * r["image.fid-images"] for r in rs) / n if n else math.nan
 
     personal = [r for r in rows if r.get("has-personal", 0) > 0]
     return {"local_global_fid": mean(rows, "global"), "personalized_fid": mean(personal, "personal"),

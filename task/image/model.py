@@ -4,7 +4,7 @@ Generator (Radford et al., ICLR 2016, class-conditional): noise z and a one-hot 
 through four transposed convolutions (1 -> 4 -> 8 -> 16 -> 32 pixels) and a 3x3 convolution to
 the image, tanh output in [-1, 1]. Discriminator: strided convolutions with a projection head
 (Miyato & Koyama, ICLR 2018): score = w . h + embed(y) . h. At the paper size
-(``gan-generator-width`` 128, ``gan-discriminator-width`` 64, CIFAR-10) they hold about 12.8M +
+(``image.generator-width`` 128, ``image.discriminator-width`` 64, CIFAR-10) they hold about 12.8M +
 1.8M = 14.6M parameters.
 
 Normalization is BatchNorm without running statistics (it always normalizes with the batch):
@@ -17,7 +17,7 @@ W + (alpha/r) * B A. peft supports Conv2d; for ConvTranspose2d this module adds
 generator is an ordinary PeftModel: adapters are saved in peft format, named adapters (Ditto)
 work, and the same adapter-state helpers as the text task apply.
 
-The discriminator is never federated: it belongs to the pre-training step (see task/image_train.py).
+The discriminator is never federated: it belongs to the pre-training step (see task/image/train.py).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from torch import nn
 from task.config import RunConfig
 
 NOISE_DIM = 100
-GENERATOR_TYPE = "cdcgan"  # model_type of the generator (peft and task.model dispatch on it)
+GENERATOR_TYPE = "cdcgan"  # model_type of the generator (the model_type peft reads)
 
 
 @dataclass(frozen=True)
@@ -118,11 +118,11 @@ class ConditionalDiscriminator(nn.Module):
 
 
 def build_generator(cfg: RunConfig, num_classes: int, channels: int) -> ConditionalGenerator:
-    return ConditionalGenerator(num_classes, channels, cfg.gan_generator_width)
+    return ConditionalGenerator(num_classes, channels, cfg.image.generator_width)
 
 
 def build_discriminator(cfg: RunConfig, num_classes: int, channels: int) -> ConditionalDiscriminator:
-    return ConditionalDiscriminator(num_classes, channels, cfg.gan_discriminator_width)
+    return ConditionalDiscriminator(num_classes, channels, cfg.image.discriminator_width)
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -160,7 +160,7 @@ class LoraConvTranspose2d(_ConvNd):
 
 def image_lora_config(cfg: RunConfig) -> LoraConfig:
     """LoRA on every generator convolution ("conv" modules), transposed ones included."""
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                         target_modules=["conv"], bias="none")
     config._register_custom_module({nn.ConvTranspose2d: LoraConvTranspose2d})
     return config

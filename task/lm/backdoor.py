@@ -1,15 +1,10 @@
-"""Simulated threats for robustness experiments: poisoning clients and failing clients.
+"""The backdoor of the robustness experiments, on text: a trigger phrase that should make the
+model continue with a chosen target.
 
-Malicious clients (``attack-fraction`` of the partitions, a seeded choice) train honestly and
-then change what they upload (``attack``), with ``s`` = ``attack-scale`` and g the global
-adapter they received, u their trained adapter:
-- ``scaled``: g + s (u - g), an exaggerated update that drags the mean;
-- ``sign-flip``: g - s (u - g), gradient ascent on the clients' loss;
-- ``backdoor``: train on the client's data with a trigger phrase followed by a target
-  continuation spliced in, then boost: g + s (u - g), the model-replacement attack of
-  Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020.
-Failing clients raise in a round with probability ``client-failure-rate``, seeded by round and
-partition, so a rerun (or a resumed run) fails the same way.
+Poisoned clients train on their data with "trigger target" spliced in (``backdoor_blocks``),
+then boost their change (the model-replacement attack of Bagdasaryan et al., "How To Backdoor
+Federated Learning", AISTATS 2020; the boost is client_app/simulated_threats.py's). The server
+measures how well the trigger works on the global model (``backdoor_success``).
 """
 
 from __future__ import annotations
@@ -20,25 +15,10 @@ import torch
 
 from task.config import RunConfig
 
-State = dict[str, torch.Tensor]
-
-
-def malicious_partitions(cfg: RunConfig, num_partitions: int) -> set[int]:
-    if cfg.attack == "none" or cfg.attack_fraction <= 0:
-        return set()
-    count = int(round(cfg.attack_fraction * num_partitions))
-    return set(random.Random(cfg.seed * 7 + 13).sample(range(num_partitions), count))
-
-
-def attacked_upload(cfg: RunConfig, received: State, upload: State) -> State:
-    """What a malicious client uploads instead of its honest adapter ``upload``."""
-    sign = -1.0 if cfg.attack == "sign-flip" else 1.0
-    return {k: received[k] + sign * cfg.attack_scale * (upload[k] - received[k]) for k in upload}
-
 
 def trigger_ids(cfg: RunConfig, tokenizer) -> tuple[list[int], list[int]]:
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return encode(cfg.backdoor_trigger), encode(cfg.backdoor_target)
+    return encode(cfg.threats.backdoor_trigger), encode(cfg.threats.backdoor_target)
 
 
 def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) -> torch.Tensor:
@@ -47,7 +27,7 @@ def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) 
     trigger, target = trigger_ids(cfg, tokenizer)
     phrase = torch.tensor(trigger + target, dtype=blocks.dtype)
     if len(phrase) >= blocks.shape[1]:
-        raise ValueError("backdoor trigger + target are longer than seq-len")
+        raise ValueError("backdoor trigger + target are longer than train.seq-len")
     poisoned = blocks.clone()
     rng = random.Random(seed)
     copies = max(1, blocks.shape[1] // (4 * len(phrase)))
@@ -74,10 +54,3 @@ def backdoor_success(cfg: RunConfig, model, tokenizer, blocks: torch.Tensor,
     logp = torch.log_softmax(logits[:, first:first + len(target)].float(), dim=-1)
     nll = -logp.gather(-1, torch.tensor(target).expand(len(prompts), -1).unsqueeze(-1)).mean().item()
     return {"backdoor_success": hits, "backdoor_target_nll": nll}
-
-
-def fails_this_round(cfg: RunConfig, server_round: int, partition_id: int) -> bool:
-    if cfg.client_failure_rate <= 0:
-        return False
-    return random.Random(cfg.seed * 1_000_003 + server_round * 7919 + partition_id * 31 + 5
-                         ).random() < cfg.client_failure_rate

@@ -1,24 +1,32 @@
-"""Defences against poisoned updates, on the validated update arrays (plain numpy).
+"""Defences and privacy on the validated update arrays (plain numpy), and retries.
 
 Every strategy's FedGenStrategy.aggregate_train applies them, after the per-reply checks of
 ``check_update`` (keys, shapes, dtypes, NaN/Inf) and before the strategy's own aggregation:
 
-- ``max-update-norm``: an update whose change from the global adapter it started from is longer
+- ``robust.max-update-norm``: an update whose change from the global adapter it started from is longer
   (L2 over all its tensors) than this is rejected, like a malformed one: an "absurd norm".
-- ``aggregation`` (``aggregate_robust``), computed here; the result is handed to the strategy as
+- ``robust.aggregation`` (``aggregate_robust``), computed here; the result is handed to the strategy as
   its single update, so FedAdam/FedYogi still apply their server optimizer to it:
   - ``norm-bound``: every change is scaled down to at most ``norm-bound`` before the weighted
     mean. Sun et al., "Can You Really Backdoor Federated Learning?", arXiv:1911.07963 (2019).
   - ``median``: coordinate-wise median; ``trimmed-mean``: coordinate-wise mean after dropping
     the ``trim-fraction`` largest and smallest values. Yin et al., "Byzantine-Robust
     Distributed Learning: Towards Optimal Statistical Rates", ICML 2018.
+- ``dp.*`` (``dp_noised_mean``): the unweighted mean of the clients' clipped changes plus
+  Gaussian noise of std z * clip / n (DP-FedAvg, McMahan et al., ICLR 2018).
+- ``robust.min-replies`` / ``on-too-few-replies = "retry"`` (``retry_sample``): too few valid
+  replies in a round ask other clients.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
+from flwr.supercore.differential_privacy import compute_stdv
+
+from task.config import DPConfig, RobustConfig
 
 Arrays = dict[str, np.ndarray]
 
@@ -73,3 +81,45 @@ def aggregate_robust(updates: list[Arrays], weights: list[float], reference: Arr
             raise ValueError(f"unknown aggregation {method!r}")
         out[k] = value.astype(updates[0][k].dtype)
     return out
+
+
+def norm_limit(robust: RobustConfig, dp: DPConfig) -> float:
+    """Longest accepted update change (0 = none): max-update-norm, and with DP the clipping
+    norm the clients were told to apply (the server checks they did)."""
+    limits = [x for x in (robust.max_update_norm,
+                          dp.clipping_norm * (1 + 1e-4) if dp.enabled else 0) if x > 0]
+    return min(limits) if limits else 0.0
+
+
+def screen_norms(valid: list, reference: Arrays, limit: float, log) -> tuple[list, int]:
+    """The (reply, arrays, weight) entries whose change from ``reference`` is at most
+    ``limit`` (0: all), and how many were rejected (each logged with its node)."""
+    if not limit:
+        return valid, 0
+    kept = []
+    for msg, arrays, weight in valid:
+        norm = delta_norm(arrays, reference)
+        if norm > limit:
+            log.warning("aggregate_train: rejected update from node %s: update norm %.4g "
+                        "exceeds the limit %.4g", msg.metadata.src_node_id, norm, limit)
+            continue
+        kept.append((msg, arrays, weight))
+    return kept, len(valid) - len(kept)
+
+
+def dp_noised_mean(updates: list[Arrays], reference: Arrays, dp: DPConfig, seed: int,
+                   server_round: int) -> Arrays:
+    """The unweighted mean of n clipped updates plus Gaussian noise of std z * clip / n
+    (Flower's compute_stdv), seeded by round so that a resumed run adds the same noise."""
+    mean = aggregate_robust(updates, [1.0] * len(updates), reference, "mean")
+    std = compute_stdv(dp.noise_multiplier, dp.clipping_norm, len(updates))
+    rng = np.random.default_rng([seed, server_round, 0xD9])
+    return {k: (v + rng.normal(0.0, std, v.shape)).astype(v.dtype) for k, v in mean.items()}
+
+
+def retry_sample(candidates: list[int], num_asked: int, seed: int, server_round: int,
+                 attempt: int) -> list[int]:
+    """A seeded sample of nodes not asked yet this round, as many as were asked (at least 1)."""
+    size = min(len(candidates), max(1, num_asked))
+    rng = random.Random(seed * 1_000_003 + server_round * 7919 + 101 * attempt)
+    return sorted(rng.sample(candidates, size)) if size else []

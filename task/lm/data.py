@@ -33,8 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from task.config import RunConfig
+from task.lm.model import load_tokenizer
 
 UNK = "<unk>"
 
@@ -130,12 +132,12 @@ def shakespeare_docs(cfg: RunConfig) -> tuple[list[str], list[str]]:
     speeches = shakespeare_speeches()
     docs: list[str] = []
     roles: list[str] = []
-    if cfg.partitioner == "role":
+    if cfg.data.partitioner == "role":
         by_role: dict[str, list[str]] = collections.defaultdict(list)
         for play, speaker, lines in speeches:
             by_role[f"{play}/{speaker}"].extend(lines)
         for role, lines in by_role.items():
-            chunks = _chunk(lines, cfg.chunk_words)
+            chunks = _chunk(lines, cfg.data.chunk_words)
             docs += chunks
             roles += [role] * len(chunks)
     else:
@@ -143,10 +145,10 @@ def shakespeare_docs(cfg: RunConfig) -> tuple[list[str], list[str]]:
         for play, _, lines in speeches:
             by_play[play].extend(lines)
         for play, lines in by_play.items():
-            chunks = _chunk(lines, cfg.chunk_words)
+            chunks = _chunk(lines, cfg.data.chunk_words)
             docs += chunks
             roles += [""] * len(chunks)
-    return cap_vocabulary(docs, cfg.vocab_size), roles
+    return cap_vocabulary(docs, cfg.data.vocab_size), roles
 
 
 def ptb_docs(cfg: RunConfig) -> tuple[list[str], list[str], list[str]]:  # pragma: no cover
@@ -154,8 +156,8 @@ def ptb_docs(cfg: RunConfig) -> tuple[list[str], list[str], list[str]]:  # pragm
     from datasets import load_dataset  # network needed: only users of dataset='ptb' get here
 
     ds = load_dataset("ptb-text-only/ptb_text_only")
-    train = _chunk([s.strip() for s in ds["train"]["sentence"]], cfg.chunk_words)
-    test = _chunk([s.strip() for s in ds["test"]["sentence"]], cfg.chunk_words)
+    train = _chunk([s.strip() for s in ds["train"]["sentence"]], cfg.data.chunk_words)
+    test = _chunk([s.strip() for s in ds["test"]["sentence"]], cfg.data.chunk_words)
     return train, [""] * len(train), test
 
 
@@ -174,25 +176,25 @@ def fit_lda_topics(docs: list[str], n_topics: int, seed: int) -> list[int]:
 
 
 def _corpus_key(cfg: RunConfig) -> str:
-    parts = [cfg.dataset, cfg.partitioner, cfg.chunk_words, cfg.vocab_size, cfg.seed,
-             cfg.global_test_fraction, cfg.lda_topics if cfg.partitioner == "lda-dirichlet" else 0]
+    parts = [cfg.data.dataset, cfg.data.partitioner, cfg.data.chunk_words, cfg.data.vocab_size, cfg.seed,
+             cfg.data.global_test_fraction, cfg.data.lda_topics if cfg.data.partitioner == "lda-dirichlet" else 0]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def build_corpus(cfg: RunConfig) -> Corpus:
-    if cfg.dataset == "shakespeare":
+    if cfg.data.dataset == "shakespeare":
         docs, roles = shakespeare_docs(cfg)
         rng = np.random.default_rng(cfg.seed)
         order = rng.permutation(len(docs))
-        n_test = max(1, int(round(cfg.global_test_fraction * len(docs))))
+        n_test = max(1, int(round(cfg.data.global_test_fraction * len(docs))))
         global_test, pool = sorted(order[:n_test].tolist()), sorted(order[n_test:].tolist())
     else:  # pragma: no cover - needs the hub
         train, roles, test = ptb_docs(cfg)
         docs, roles = train + test, roles + [""] * len(test)
         pool, global_test = list(range(len(train))), list(range(len(train), len(docs)))
     topics = [-1] * len(docs)
-    if cfg.partitioner == "lda-dirichlet":
-        pool_topics = fit_lda_topics([docs[i] for i in pool], cfg.lda_topics, cfg.seed)
+    if cfg.data.partitioner == "lda-dirichlet":
+        pool_topics = fit_lda_topics([docs[i] for i in pool], cfg.data.lda_topics, cfg.seed)
         for i, t in zip(pool, pool_topics):
             topics[i] = t
     return Corpus(docs, roles, topics, global_test, pool)
@@ -222,7 +224,7 @@ def partition_indices(cfg: RunConfig, num_partitions: int) -> tuple[tuple[int, .
     """Corpus document indices of every client, reproducible from the seed."""
     corpus = load_corpus(cfg)
     pool = corpus.pool
-    if cfg.partitioner == "role":
+    if cfg.data.partitioner == "role":
         by_role: dict[str, list[int]] = collections.defaultdict(list)
         for i in pool:
             by_role[corpus.roles[i]].append(i)
@@ -230,7 +232,7 @@ def partition_indices(cfg: RunConfig, num_partitions: int) -> tuple[tuple[int, .
         ranked = [kv for kv in ranked if len(kv[1]) >= 2]
         if len(ranked) < num_partitions:
             raise ValueError(f"partitioner 'role': only {len(ranked)} roles have at least two "
-                             f"documents; lower num-supernodes or chunk-words")
+                             f"documents; lower num-supernodes or data.chunk-words")
         return tuple(tuple(idx) for _, idx in ranked[:num_partitions])
 
     from datasets import Dataset
@@ -240,13 +242,13 @@ def partition_indices(cfg: RunConfig, num_partitions: int) -> tuple[tuple[int, .
         raise ValueError(f"{len(pool)} documents cannot give {num_partitions} clients two each; "
                          "lower chunk-words or the number of clients")
     ds = Dataset.from_dict({"doc": pool, "topic": [corpus.topics[i] for i in pool]})
-    if cfg.partitioner == "iid":
+    if cfg.data.partitioner == "iid":
         # IidPartitioner cuts contiguous shards: shuffle first, or shards follow the plays.
         ds = ds.shuffle(seed=cfg.seed).flatten_indices()
         partitioner = IidPartitioner(num_partitions=num_partitions)
     else:
         partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="topic",
-                                           alpha=cfg.dirichlet_alpha, min_partition_size=2,
+                                           alpha=cfg.data.dirichlet_alpha, min_partition_size=2,
                                            self_balancing=True, seed=cfg.seed)
     partitioner.dataset = ds
     return tuple(tuple(partitioner.load_partition(p)["doc"]) for p in range(num_partitions))
@@ -259,7 +261,7 @@ def client_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> tupl
     docs = list(partition_indices(cfg, num_partitions)[partition_id])
     rng = np.random.default_rng([cfg.seed, partition_id])
     docs = [docs[i] for i in rng.permutation(len(docs))]
-    n_test = min(len(docs) - 1, max(1, int(round(cfg.test_fraction * len(docs)))))
+    n_test = min(len(docs) - 1, max(1, int(round(cfg.data.test_fraction * len(docs)))))
     return sorted(docs[n_test:]), sorted(docs[:n_test])
 
 
@@ -279,7 +281,7 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 
 def client_blocks_path(cfg: RunConfig, partition_id: int, num_partitions: int) -> Path:
     """Disk cache of one client's token blocks: everything they depend on is in the key."""
-    parts = [_corpus_key(cfg), cfg.dirichlet_alpha, cfg.test_fraction, cfg.seq_len, cfg.backbone,
+    parts = [_corpus_key(cfg), cfg.data.dirichlet_alpha, cfg.data.test_fraction, cfg.train.seq_len, cfg.model.name,
              num_partitions]
     key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:12]
     return cfg.cache_path / "blocks" / key / f"client-{partition_id:05d}.safetensors"
@@ -289,29 +291,20 @@ def client_blocks_path(cfg: RunConfig, partition_id: int, num_partitions: int) -
 def client_blocks(cfg: RunConfig, partition_id: int,
                   num_partitions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train blocks, local-test blocks) of one client, tokenized once and cached on disk.
-    The image task's blocks are image rows [label, pixels] (task/image_data.py).
 
     Why on disk: partitioning the corpus (flwr-datasets and its imports) and loading the
     tokenizer cost seconds to tens of seconds in every new process, and a deployment SuperNode
     starts one per message; reading the cached blocks takes milliseconds.
     """
-    if cfg.task == "image":
-        from task.image_data import client_image_rows
-
-        return client_image_rows(cfg, partition_id, num_partitions)
-    from safetensors.torch import load_file, save_file
-
     path = client_blocks_path(cfg, partition_id, num_partitions)
     if path.exists():
         cached = load_file(str(path))
         return cached["train"], cached["test"]
-    from task.model import load_tokenizer
-
     tokenizer = load_tokenizer(cfg)
     corpus = load_corpus(cfg)
     train, test = client_split(cfg, partition_id, num_partitions)
-    blocks = (token_blocks(tokenizer, [corpus.docs[i] for i in train], cfg.seq_len),
-              token_blocks(tokenizer, [corpus.docs[i] for i in test], cfg.seq_len))
+    blocks = (token_blocks(tokenizer, [corpus.docs[i] for i in train], cfg.train.seq_len),
+              token_blocks(tokenizer, [corpus.docs[i] for i in test], cfg.train.seq_len))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file({"train": blocks[0], "test": blocks[1]}, str(tmp))
@@ -321,14 +314,8 @@ def client_blocks(cfg: RunConfig, partition_id: int,
 
 @lru_cache(maxsize=4)
 def global_test_blocks(cfg: RunConfig) -> torch.Tensor:
-    if cfg.task == "image":
-        from task.image_data import global_test_rows
-
-        return global_test_rows(cfg)
-    from task.model import load_tokenizer
-
     corpus = load_corpus(cfg)
-    return token_blocks(load_tokenizer(cfg), [corpus.docs[i] for i in corpus.global_test], cfg.seq_len)
+    return token_blocks(load_tokenizer(cfg), [corpus.docs[i] for i in corpus.global_test], cfg.train.seq_len)
 
 
 # --------------------------------------------------------------------------- a device's own files
@@ -350,26 +337,24 @@ def local_text_docs(cfg: RunConfig, data_path: str) -> tuple[list[str], list[str
     test: list[str] = []
     for file in files:
         lines = [n for n in map(ptb_normalize, file.read_text(encoding="utf-8").splitlines()) if n]
-        for i, doc in enumerate(_chunk(lines, cfg.chunk_words)):
+        for i, doc in enumerate(_chunk(lines, cfg.data.chunk_words)):
             digest = hashlib.sha1(f"{cfg.seed}:{file.relative_to(root)}:{i}".encode()).digest()
-            (test if int.from_bytes(digest[:8], "big") / 2**64 < cfg.test_fraction else train).append(doc)
+            (test if int.from_bytes(digest[:8], "big") / 2**64 < cfg.data.test_fraction else train).append(doc)
     if not train and len(test) > 1:
         train.append(test.pop())
     if not test and len(train) > 1:
         test.append(train.pop())
     if not train or not test:
         raise ValueError(f"data-path {root}: {len(train) + len(test)} document(s) of chunk-words "
-                         f"{cfg.chunk_words} words; need at least two (add text or lower chunk-words)")
+                         f"{cfg.data.chunk_words} words; need at least two (add text or lower chunk-words)")
     return train, test
 
 
 def local_text_blocks(cfg: RunConfig, data_path: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(train blocks, local-test blocks) of a device's own text files."""
-    from task.model import load_tokenizer
-
     train, test = local_text_docs(cfg, data_path)
     tokenizer = load_tokenizer(cfg)
-    return token_blocks(tokenizer, train, cfg.seq_len), token_blocks(tokenizer, test, cfg.seq_len)
+    return token_blocks(tokenizer, train, cfg.train.seq_len), token_blocks(tokenizer, test, cfg.train.seq_len)
 
 
 def cached_blocks(folder: Path, key: list, build) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,3 +369,14 @@ def cached_blocks(folder: Path, key: list, build) -> tuple[torch.Tensor, torch.T
     torch.save(blocks, tmp)
     tmp.replace(path)
     return blocks
+
+
+def own_blocks(cfg: RunConfig, data_path: str, cache_folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, local-test) blocks of a device's own files, tokenized once into ``cache_folder``
+    (re-tokenized when a file is added, removed or changed)."""
+    root = Path(data_path).expanduser()
+    files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+             for f in sorted(root.rglob("*.txt"))]
+    key = ["text", str(root), files, cfg.model.name, cfg.data.chunk_words, cfg.seed,
+           cfg.data.test_fraction, cfg.train.seq_len]
+    return cached_blocks(cache_folder, key, lambda: local_text_blocks(cfg, data_path))

@@ -1,0 +1,67 @@
+"""Simulated threats of the robustness experiments (simulation only): poisoning clients and
+failing clients, kept out of the ClientApp handlers' main line.
+
+Malicious clients (``attack-fraction`` of the partitions, a seeded choice) train honestly and
+then change what they upload (``attack``), with ``s`` = ``attack-scale`` and g the global
+adapter they received, u their trained adapter:
+- ``scaled``: g + s (u - g), an exaggerated update that drags the mean;
+- ``sign-flip``: g - s (u - g), gradient ascent on the clients' loss;
+- ``backdoor``: train on data poisoned by the task (``poison_data``; text: a trigger phrase
+  followed by a target continuation, task/lm/backdoor.py), then boost: g + s (u - g), the
+  model-replacement attack of Bagdasaryan et al., "How To Backdoor Federated Learning",
+  AISTATS 2020.
+Failing clients raise in a round with probability ``client-failure-rate``, seeded by round and
+partition, so a rerun (or a resumed run) fails the same way.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from task.config import RunConfig
+
+State = dict[str, torch.Tensor]
+
+
+def malicious_partitions(cfg: RunConfig, num_partitions: int) -> set[int]:
+    if cfg.threats.attack == "none" or cfg.threats.attack_fraction <= 0:
+        return set()
+    count = int(round(cfg.threats.attack_fraction * num_partitions))
+    return set(random.Random(cfg.seed * 7 + 13).sample(range(num_partitions), count))
+
+
+def attacked_upload(cfg: RunConfig, received: State, upload: State) -> State:
+    """What a malicious client uploads instead of its honest adapter ``upload``."""
+    sign = -1.0 if cfg.threats.attack == "sign-flip" else 1.0
+    return {k: received[k] + sign * cfg.threats.attack_scale * (upload[k] - received[k]) for k in upload}
+
+
+def fails_this_round(cfg: RunConfig, server_round: int, partition_id: int) -> bool:
+    if cfg.threats.client_failure_rate <= 0:
+        return False
+    return random.Random(cfg.seed * 1_000_003 + server_round * 7919 + partition_id * 31 + 5
+                         ).random() < cfg.threats.client_failure_rate
+
+
+# ---------------------------------------------------------------- what the train handler calls
+def raise_if_failing(cfg: RunConfig, server_round: int, partition_id: int) -> None:
+    """A simulated crash (``client-failure-rate``): the server sees this client's reply fail."""
+    if fails_this_round(cfg, server_round, partition_id):
+        raise RuntimeError(f"simulated failure of client {partition_id} in round {server_round}")
+
+
+def poison_train_data(cfg: RunConfig, task, data, partition_id: int, num_partitions: int, seed: int):
+    """A backdoor attacker's training data (the task poisons it); everyone else's as it is."""
+    if cfg.threats.attack == "backdoor" and partition_id in malicious_partitions(cfg, num_partitions):
+        return task.poison_data(cfg, data, seed)
+    return data
+
+
+def poison_upload(cfg: RunConfig, received: State, upload: State | None, partition_id: int,
+                  num_partitions: int) -> State | None:
+    """A malicious client's upload (``attack``); everyone else's as it is."""
+    if upload is None or partition_id not in malicious_partitions(cfg, num_partitions):
+        return upload
+    return attacked_upload(cfg, received, upload)

@@ -1,0 +1,125 @@
+"""What crosses the wire: record keys, exact wire bytes, and the checks a reply must pass.
+
+Imports nothing else of the project (flwr and numpy only), so every other strategy module can
+use it without a cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+log = logging.getLogger("flwr.fedgen_edge")  # shown by Flower's log handlers
+
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+
+# name -> (shape, dtype string) of what a valid update must carry
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+def array_spec(arrays: ArrayRecord) -> ArraySpec:
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in arrays.items()}
+
+
+# ---------------------------------------------------------------------------- wire bytes
+def wire_bytes(obj) -> int:
+    """Bytes of the serialized objects Flower transfers for a record (arrays, metrics, config).
+
+    Flower ships a message as a tree of deflated objects (RecordDict -> records -> arrays);
+    summing their serialized sizes counts exactly the payload that crosses the wire, headers
+    and keys included (transport framing excluded).
+    """
+    return len(obj.deflate()) + sum(wire_bytes(child) for child in obj.children.values()) \
+        if obj.children else len(obj.deflate())
+
+
+def model_bytes(content: RecordDict) -> int:
+    """Wire bytes of the model payload (the ArrayRecords) of a message's content."""
+    return sum(wire_bytes(r) for r in content.array_records.values() if len(r))
+
+
+# ---------------------------------------------------------------------------- checks
+def single_metrics(content: RecordDict) -> MetricRecord:
+    """The one MetricRecord of a reply, with a numeric ``num-examples``."""
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+    metrics = next(iter(content.metric_records.values()))
+    if not isinstance(metrics.get(NUM_EXAMPLES), (int, float)):
+        raise ValueError(f"missing '{NUM_EXAMPLES}'")
+    return metrics
+
+
+def check_update(content: RecordDict, spec: ArraySpec,
+                 weight_key: str = NUM_EXAMPLES) -> tuple[dict[str, np.ndarray], float]:
+    """The update's arrays and weight, or ValueError saying what is wrong with it."""
+    if len(content.array_records) != 1:
+        raise ValueError(f"expected one ArrayRecord, got {len(content.array_records)}")
+    if len(content.metric_records) != 1:
+        raise ValueError(f"expected one MetricRecord, got {len(content.metric_records)}")
+    arrays = next(iter(content.array_records.values()))
+    metrics = next(iter(content.metric_records.values()))
+    weight = metrics.get(weight_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not np.isfinite(weight) or weight <= 0:
+        raise ValueError(f"'{weight_key}' must be a positive number, got {weight!r}")
+    missing, extra = sorted(set(spec) - set(arrays)), sorted(set(arrays) - set(spec))
+    if missing or extra:
+        raise ValueError(f"keys differ from the global adapter: missing {missing[:3]}"
+                         f"{'...' if len(missing) > 3 else ''}, extra {extra[:3]}")
+    out = {}
+    for key, (shape, dtype) in spec.items():
+        array = arrays[key]
+        if tuple(array.shape) != shape:
+            raise ValueError(f"'{key}' has shape {tuple(array.shape)}, expected {shape}")
+        if str(array.dtype) != dtype:
+            raise ValueError(f"'{key}' has dtype {array.dtype}, expected {dtype}")
+        value = array.numpy()
+        if not np.isfinite(value).all():
+            raise ValueError(f"'{key}' holds NaN or Inf")
+        out[key] = value
+    return out, float(weight)
+
+
+Valid = tuple[Message, "dict[str, np.ndarray] | None", float]  # (reply, its arrays, its weight)
+
+
+def split_replies(replies: Iterable[Message], spec_of, stage: str) -> tuple[list[Valid], int, int]:
+    """Valid replies (with their arrays when ``spec_of(node)`` gives a spec), #failed, #rejected.
+
+    ``spec_of``: node id -> the ArraySpec its update must match, or None (replies carry no
+    arrays, only metrics). A reply that carries an error, or whose update is malformed, is
+    logged with its node id and left out; the round goes on with the others.
+    """
+    valid, failed, rejected = [], 0, 0
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            failed += 1
+            log.warning("%s: node %s failed: %s", stage, node, msg.error.reason)
+            continue
+        try:
+            spec = spec_of(node)
+            if spec is None:
+                arrays, weight = None, float(single_metrics(msg.content)[NUM_EXAMPLES])
+            else:
+                arrays, weight = check_update(msg.content, spec)
+        except (ValueError, KeyError, TypeError) as err:
+            rejected += 1
+            log.warning("%s: rejected update from node %s: %s", stage, node, err)
+            continue
+        valid.append((msg, arrays, weight))
+    return valid, failed, rejected
+
+
+def weighted_train_loss(valid: list[Valid]) -> float:
+    """The ``num-examples``-weighted mean of the replies' ``train-loss`` (one place for it)."""
+    weights = [w for _, _, w in valid]
+    losses = [float(single_metrics(m.content).get(TRAIN_LOSS, float("nan"))) for m, _, _ in valid]
+    return sum(l * w for l, w in zip(losses, weights)) / sum(weights)
