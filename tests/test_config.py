@@ -18,7 +18,7 @@ def test_pyproject_defaults_parse_and_match_the_dataclasses():
     cfg = RunConfig.from_run_config(DEFAULTS)
     assert cfg == RunConfig()  # one source of truth: no drift between pyproject and code
     assert set(DEFAULTS) == set(RunConfig.key_types())
-    assert cfg.flatten_tables() == DEFAULTS
+    assert cfg.flat() == DEFAULTS
     assert len(DEFAULTS) == 76 and len(RENAMED) == 70  # 6 top-level keys kept their names
 
 

@@ -1,6 +1,7 @@
 """`flwr run .` of the image task end to end (conf/smoke-image.toml: tiny cDCGAN, 10 clients, 2 rounds)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,7 +35,10 @@ def test_image_smoke_run_federates_generator_adapters_and_reports_fid(tmp_path):
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert results["task"] == "image" and results["pretrain"]["pretrain_steps"] == 40
-    assert all(r["global_fid"] > 0 for r in rounds)
+    # FID of 8 images cannot show this tiny GAN improving in 2 rounds (430.4, 429.0, 432.2
+    # measured): what is asserted is that the federated generator moved and was measured anew
+    assert len({round(r["global_fid"], 3) for r in rounds}) == 3
+    assert all(math.isfinite(r["global_fid"]) and r["global_fid"] > 0 for r in rounds)
     for r in rounds[1:]:
         assert r["num_updates"] == 5 and r["rejected"] == 0 and r["failures"] == 0
         # only generator adapters travel: 5 uploads of adapter_params float32, far below the generator
@@ -60,6 +64,8 @@ def test_image_smoke_run_federates_generator_adapters_and_reports_fid(tmp_path):
     model = PeftModel.from_pretrained(get_task(cfg).load_backbone(cfg), out / "global-adapter",
                                       config=image_lora_config(cfg))
     assert any(isinstance(m, LoraConvTranspose2d) for m in model.modules())
+    trained_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert trained_b and all(p.abs().sum() > 0 for p in trained_b), "B starts at 0 and was trained"
     with torch.no_grad():
         images = model(torch.randn(4, 100), torch.arange(4))
     assert images.shape == (4, 1, 32, 32) and torch.isfinite(images).all()
