@@ -44,7 +44,7 @@ def markdown(r: dict) -> str:
             rows.append([f"fedavg-lora, upload {codec}", _b(v["uplink"]), _b(v["downlink"]),
                          f"{100 * (1 - v['uplink'] / full):.3f}%", f"{fp32 / v['uplink']:.2f}x"])
         lines += [f"## Communication per client per round: {c['backbone']}", "",
-                  f"Exact wire bytes of the model payload (strategies.common.model_bytes). Adapter "
+                  f"Exact wire bytes of the model payload (strategies.records.model_bytes). Adapter "
                   f"{_b(c['adapter_params'])} parameters (rank 8, q and v) vs "
                   f"{_b(c['backbone_params'])} in the backbone.", ""]
         lines += _table(["strategy", "uplink bytes", "downlink bytes", "uplink reduction vs full",

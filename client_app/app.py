@@ -17,6 +17,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_app import simulated_threats as threats
+from strategies.base import local_training_kwargs
 from strategies.registry import Entry, check_run
 from strategies.secagg import secure_aggregation_mod
 from task import Task
@@ -153,11 +154,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         if config.get("personalize"):
             own = client.strategy.caps.personal_model and personal_state is not None
             load(model, personal_state if own else global_state)
-            t = cfg.train
-            task.train(model, client.train_data, epochs=1, batch_size=t.batch_size,
-                       lr=t.full_learning_rate if full else t.learning_rate,
-                       weight_decay=t.weight_decay, max_steps=t.max_steps, seed=cfg.seed + pid,
-                       precision=cfg.model.precision)
+            budget = local_training_kwargs(cfg, cfg.seed + pid, full_model=full)
+            task.train(model, client.train_data, **{**budget, "epochs": 1})
             personal_stats = evaluate_model(model)
         elif personal_state is not None:
             load(model, personal_state)

@@ -208,12 +208,12 @@ REPORT = """# Robustness report
 clients, every client trains every round (so 10% = {c10} and 30% = {c30} malicious clients in
 every round), {rounds} rounds; base run config `{base}`.
 
-- Attacks (task/threats.py): `scaled` uploads g + 10 (u - g); `sign-flip` g - 10 (u - g);
+- Attacks (client_app/simulated_threats.py, task/lm/backdoor.py): `scaled` uploads g + 10 (u - g); `sign-flip` g - 10 (u - g);
   `backdoor` trains on its data with " thou art cursed banana" written into every block, then
   boosts its change 10x (model replacement). Backdoor top-1: share of 32 clean global-test
   prefixes + trigger whose next-token argmax is the target's first token; target NLL: mean NLL
   of the target tokens after the trigger (nats). Both on the final global adapter.
-- Defences (strategies/robust.py): `mean` is the strategy's own FedAvg (no defence);
+- Defences (strategies/defences.py): `mean` is the strategy's own FedAvg (no defence);
   `norm-bound` clips every change to L2 0.5; `median` coordinate-wise; `trimmed-mean` drops 30%
   at each end per coordinate.
 - DP rows: clients clip their change to 0.5 (Flower's fixedclipping_mod), the server adds

@@ -35,7 +35,7 @@ def test_merge_keeps_sections_not_measured_again(tmp_path):
 
 
 def test_profile_buckets_client_and_server_stacks(tmp_path):
-    client = "run (ray_actor.py:59);train (client_app/app.py:67);train_local (task/train.py:66)"
+    client = "run (ray_actor.py:59);train (client_app/app.py:67);train_local (task/lm/train.py:66)"
     server = "main (server_app/app.py:135);Strategy.start (x.py:1)"
     raw = tmp_path / "raw.txt"
     raw.write_text(f"{client};Tensor.backward (torch/_tensor.py:623) 40\n"
@@ -45,7 +45,7 @@ def test_profile_buckets_client_and_server_stacks(tmp_path):
     assert classify((server + ";aggregate_train (s.py:1)").split(";"), "server") == \
         "server: aggregation"
     # a server frame never counts as a client cost and the other way round
-    assert classify((server + ";evaluate_nll (task/train.py:90)").split(";"), "server") == \
+    assert classify((server + ";evaluate_nll (task/lm/train.py:90)").split(";"), "server") == \
         "server: evaluation of the global adapter"
     assert classify(["<module> (default_worker.py:1)"], "client") == \
         "client: process start-up, Flower and Ray outside the app"
