@@ -32,6 +32,7 @@ from task.adapters import (
 from task.compression import compress_upload
 from task.config import RunConfig
 from task.lora_ops import client_rank
+from task.memory import release_freed_memory
 from task.node import NodeConfig, node_data
 
 app = ClientApp()
@@ -164,4 +165,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = {"num-examples": global_stats[task.caps.count], "partition-id": pid,
                **{f"global-{k}": v for k, v in global_stats.items()},
                **{f"personal-{k}": v for k, v in (personal_stats or {}).items()}}
+    release_freed_memory()  # evaluation ends a round: the process now waits
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

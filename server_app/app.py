@@ -23,8 +23,17 @@ from strategies.centralized import train_centralized
 from strategies.records import log, split_replies
 from strategies.registry import build_strategy, check_run
 from task import client_row, score, summarize_client_evals
-from task.adapters import save_adapter, set_adapter_state, set_full_state, shared_full_model, shared_lora_model
+from task.adapters import (
+    save_adapter,
+    set_adapter_state,
+    set_full_state,
+    shared_full_model,
+    shared_lora_model,
+    torch_device,
+)
 from task.config import RunConfig
+from task.memory import release_freed_memory
+from task.precision import precision_record
 from task.privacy import PrivacyAccountant
 from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
 
@@ -41,6 +50,10 @@ def main(grid: Grid, context: Context) -> None:
         shutil.rmtree(out / "clients", ignore_errors=True)  # personal state of an earlier run
     log.info("FedGen-Edge: task %s, %s on %s/%s, strategy %s, output %s", task.name,
              task.backbone_name(cfg), cfg.data.dataset, cfg.data.partitioner, cfg.strategy.name, out)
+
+    precision = precision_record(cfg, torch_device(cfg))  # what model.precision means here
+    log.info("model.precision = %s: the server computes in %s on %s (%s)", precision["requested"],
+             precision["server"], precision["device"], precision["hardware"])
 
     # The task's shared caches (corpus and LDA fit, or the pre-trained generator), the models.
     prepared = task.prepare(cfg)
@@ -71,7 +84,8 @@ def main(grid: Grid, context: Context) -> None:
         "num_rounds": cfg.num_server_rounds, "adapter_params": adapter_params,
         "backbone_params": backbone_params,
         "trained_params": backbone_params if full else adapter_params,
-        "metric": m, **task.header(cfg, test_data), **prepared, "config": cfg.flat(),
+        "metric": m, **task.header(cfg, test_data), **prepared, "precision": precision,
+        "config": cfg.flat(),
     }, metric=m, metric_label=task.caps.metric_label)
     if resumed is not None:
         restore_rounds(recorder, out, start_round)
@@ -101,6 +115,7 @@ def main(grid: Grid, context: Context) -> None:
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
         recorder.add_round(row, [client_row(task, r) for r in client_rows])
+        release_freed_memory()  # the server now waits for a round: its evaluation's pages go back
         if server_round % cfg.server.checkpoint_every == 0 or server_round == cfg.num_server_rounds:
             folder = out / "checkpoints" / f"round-{server_round:04d}"
             if server_round and not full:

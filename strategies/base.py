@@ -22,6 +22,7 @@ from strategies.records import (
     weighted_train_loss,
 )
 from task import get_task
+from task.adapters import compute_precision
 from task.compression import decode_update, is_encoded
 from task.config import DPConfig, RobustConfig, RunConfig, SecAggConfig
 
@@ -33,7 +34,7 @@ def local_training_kwargs(cfg: RunConfig, seed: int, full_model: bool = False) -
     return dict(epochs=t.local_epochs, batch_size=t.batch_size,
                 lr=t.full_learning_rate if full_model else t.learning_rate,
                 weight_decay=t.weight_decay, max_steps=t.max_steps, seed=seed,
-                precision=cfg.model.precision)
+                precision=compute_precision(cfg))
 
 
 def train_local(cfg: RunConfig, model, data, seed: int, *, full_model: bool = False,

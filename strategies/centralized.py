@@ -16,7 +16,13 @@ from collections.abc import Callable
 import torch
 
 from task import get_task
-from task.adapters import get_adapter_state, get_full_state, shared_full_model, shared_lora_model
+from task.adapters import (
+    compute_precision,
+    get_adapter_state,
+    get_full_state,
+    shared_full_model,
+    shared_lora_model,
+)
 from task.config import RunConfig
 
 State = dict[str, torch.Tensor]
@@ -68,5 +74,5 @@ def train_centralized(cfg: RunConfig, num_clients: int, clients_per_round: int,
     lr = cfg.train.full_learning_rate if _full(cfg) else cfg.train.learning_rate
     get_task(cfg).train(model, pooled, epochs=epochs, batch_size=cfg.train.batch_size, lr=lr,
                         weight_decay=cfg.train.weight_decay, max_steps=total, seed=cfg.seed,
-                        after_step=after_step, precision=cfg.model.precision)
+                        after_step=after_step, precision=compute_precision(cfg))
     return state_of(model)

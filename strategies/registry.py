@@ -175,7 +175,7 @@ def check_run(cfg: RunConfig) -> tuple[Task, Entry]:
                                       f"{task.name!r} adapts convolutions")
     if cfg.threats.attack not in task.caps.attacks:
         _refuse(cfg, "threats.attack", f"task {task.name!r} simulates {task.caps.attacks}")
-    if cfg.model.precision not in task.caps.precisions:
+    if cfg.model.precision != "auto" and cfg.model.precision not in task.caps.precisions:
         _refuse(cfg, "model.precision", f"task {task.name!r} trains in {task.caps.precisions}")
     if cfg.model.gradient_checkpointing and not task.caps.gradient_checkpointing:
         _refuse(cfg, "model.gradient-checkpointing", f"task {task.name!r}'s backbone has none")

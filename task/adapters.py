@@ -25,6 +25,7 @@ from torch import nn
 
 from task import get_task
 from task.config import RunConfig
+from task.precision import DTYPES, resolve_precision
 
 State = dict[str, torch.Tensor]
 
@@ -41,35 +42,52 @@ def torch_device(cfg: RunConfig) -> torch.device:
     return torch.device(cfg.model.device)
 
 
+def compute_precision(cfg: RunConfig) -> str:
+    """``fp32`` or ``bf16``: the precision this process trains and evaluates in (task/precision.py)."""
+    return resolve_precision(cfg, torch_device(cfg))
+
+
 def _model_key(cfg: RunConfig) -> tuple:
     return (cfg.task, cfg.model.name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.seed,
-            str(cfg.cache_path), cfg.model.device, cfg.model.gradient_checkpointing) + get_task(cfg).model_key(cfg)
+            str(cfg.cache_path), cfg.model.device, compute_precision(cfg),
+            cfg.model.gradient_checkpointing) + get_task(cfg).model_key(cfg)
 
 
-def _backbone_on_device(cfg: RunConfig) -> nn.Module:
-    """The task's frozen backbone with the small-device knobs applied: gradient checkpointing
-    (activations recomputed in backward, less memory; non-reentrant, so it works with a frozen
-    backbone) and the device."""
-    model = get_task(cfg).load_backbone(cfg)
+def _backbone_on_device(cfg: RunConfig, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The task's frozen backbone in ``dtype`` with the small-device knobs applied: gradient
+    checkpointing (activations recomputed in backward, less memory; non-reentrant, so it works
+    with a frozen backbone) and the device."""
+    model = get_task(cfg).load_backbone(cfg, dtype)
     model.requires_grad_(False)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(torch_device(cfg))
 
 
+def _float32_adapter(model: PeftModel, adapter_name: str) -> None:
+    """Trained tensors stay float32 on a bf16 backbone (peft first casts a new adapter to its
+    base layer's dtype: A is drawn in float32 and rounded once, the same in every process)."""
+    tag = f".{adapter_name}."
+    for name, param in model.named_parameters():
+        if "lora_" in name and tag in name and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def add_lora(cfg: RunConfig, backbone: nn.Module) -> PeftModel:
     torch.manual_seed(cfg.seed)  # the same initial adapter in every process
     model = get_peft_model(backbone, get_task(cfg).lora_config(cfg, backbone))
+    _float32_adapter(model, "default")
     get_task(cfg).prepare_adapter(model, "default")
     return model
 
 
 def shared_lora_model(cfg: RunConfig) -> PeftModel:
-    """The process-wide backbone + LoRA model for this config, built on first use."""
+    """The process-wide backbone + LoRA model for this config, built on first use; the frozen
+    backbone is held in the compute precision (bf16: half the memory), the adapter in float32."""
     key = _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
-            model = add_lora(cfg, _backbone_on_device(cfg))
+            model = add_lora(cfg, _backbone_on_device(cfg, DTYPES[compute_precision(cfg)]))
             _SHARED[key] = model
             _INITIAL[key] = get_adapter_state(model)
         return _SHARED[key]
@@ -83,7 +101,8 @@ def initial_adapter_state(cfg: RunConfig) -> State:
 
 def shared_full_model(cfg: RunConfig) -> nn.Module:
     """The process-wide model for full fine-tuning (fedavg-full, centralized-full): every weight
-    trains and travels, and each call loads the received weights into it in place."""
+    trains and travels, and each call loads the received weights into it in place. Its weights
+    are float32 in every precision (bf16 runs it under autocast: float32 master weights)."""
     key = ("full",) + _model_key(cfg)
     with _LOCK:
         if key not in _SHARED:
@@ -97,6 +116,7 @@ def ensure_adapter(model: PeftModel, cfg: RunConfig, adapter_name: str) -> None:
         torch.manual_seed(cfg.seed)
         task = get_task(cfg)
         model.add_adapter(adapter_name, task.lora_config(cfg, model.get_base_model()))
+        _float32_adapter(model, adapter_name)
         task.prepare_adapter(model, adapter_name)
 
 

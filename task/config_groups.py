@@ -11,7 +11,7 @@ from typing import Callable
 
 BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DEVICES = ("cpu", "cuda", "auto")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # task/precision.py
 UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
 AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean")
 ATTACKS = ("none", "scaled", "sign-flip", "backdoor")
@@ -28,7 +28,7 @@ class ModelConfig:
     """[model]: the frozen backbone and where and how it runs."""
     name: str = "smollm2-135m"
     device: str = "cpu"
-    precision: str = "fp32"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
 
     def validate(self, need: Need) -> None:

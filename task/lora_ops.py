@@ -160,7 +160,10 @@ def dense_correction(corr: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 def _add_correction(module: nn.Module, inputs, output):
     corr = getattr(module, "fedgen_correction", None)
-    return output if corr is None else output + F.linear(inputs[0], corr)
+    if corr is None:
+        return output
+    x = inputs[0]  # a bf16 backbone outside autocast gives bf16 inputs: match them
+    return output + F.linear(x, corr.to(x.dtype)).to(output.dtype)
 
 
 def set_base_correction(model: nn.Module, corr: Mapping[str, torch.Tensor] | None,

@@ -8,6 +8,7 @@ from bench.driver import federate
 from strategies import ditto, fedavg_full, fedavg_lora, fedper, local_only
 from strategies.registry import STRATEGIES
 from task.adapters import (
+    compute_precision,
     get_adapter_state,
     get_full_state,
     initial_adapter_state,
@@ -123,7 +124,7 @@ def test_fedavg_with_one_client_equals_local_training(tiny_cfg):
     seed = cfg.seed * 100_003 + 1 * 1009 + 3  # the train handler's seed of round 1, client 3
     train_local(model, data.client_blocks(cfg, 3, 20)[0], epochs=cfg.train.local_epochs,
                 batch_size=cfg.train.batch_size, lr=cfg.train.learning_rate,
-                max_steps=cfg.train.max_steps, seed=seed)
+                max_steps=cfg.train.max_steps, seed=seed, precision=compute_precision(cfg))
     local = get_adapter_state(model)
     assert local.keys() == global_adapter.keys()
     assert any(not torch.equal(local[k], v) for k, v in initial_adapter_state(cfg).items())

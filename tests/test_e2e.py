@@ -13,6 +13,7 @@ from peft import PeftModel
 
 from task.config import RunConfig
 from task.lm.model import load_backbone
+from task.precision import fast_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,10 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert results["num_clients"] == 10 and results["clients_per_round"] == 5
+    # model.precision = auto (the default): bf16 exactly where this CPU has it natively
+    has_bf16, _ = fast_bf16(torch.device("cpu"))
+    assert results["precision"]["requested"] == "auto" and results["precision"]["fast_bf16"] == has_bf16
+    assert results["precision"]["server"] == ("bf16" if has_bf16 else "fp32")
     assert rounds[-1]["global_ppl"] < rounds[0]["global_ppl"], "perplexity must drop"
     for r in rounds[1:]:
         assert r["num_updates"] == 5 and r["rejected"] == 0 and r["failures"] == 0

@@ -35,8 +35,9 @@ class ImageGeneration:
     def backbone_name(self, cfg) -> str:
         return f"cdcgan-g{cfg.image.generator_width}-d{cfg.image.discriminator_width}"
 
-    def load_backbone(self, cfg):
-        return train.load_generator_backbone(cfg)
+    def load_backbone(self, cfg, dtype=None):
+        backbone = train.load_generator_backbone(cfg)
+        return backbone if dtype is None else backbone.to(dtype)
 
     def lora_config(self, cfg, backbone):
         return model.image_lora_config(cfg)
@@ -69,8 +70,8 @@ class ImageGeneration:
         return data.global_test_rows(cfg)
 
     # -- local training and evaluation
-    def train(self, peft_model, rows, *, precision: str = "fp32", **kwargs) -> float:
-        if precision != "fp32":  # refused at start (CAPABILITIES.precisions); never ignored
+    def train(self, peft_model, rows, *, precision: str | None = None, **kwargs) -> float:
+        if precision not in (None, "fp32"):  # refused at start (CAPABILITIES.precisions); never ignored
             raise ValueError(f"the image task trains in fp32 only, not {precision!r}")
         return train.train_gan_local(peft_model, rows, **kwargs)
 

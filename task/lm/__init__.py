@@ -16,7 +16,7 @@ import math
 from contextlib import nullcontext
 
 from task import TaskCapabilities
-from task.adapters import lora_parameter_counts
+from task.adapters import compute_precision, lora_parameter_counts
 from task.lm import backdoor, data, model, train
 
 CAPABILITIES = TaskCapabilities(
@@ -36,8 +36,8 @@ class LanguageModeling:
     def backbone_name(self, cfg) -> str:
         return cfg.model.name
 
-    def load_backbone(self, cfg):
-        return model.load_backbone(cfg)
+    def load_backbone(self, cfg, dtype=None):
+        return model.load_backbone(cfg, dtype)
 
     def lora_config(self, cfg, backbone):
         return model.lora_config(cfg, backbone.config.model_type)
@@ -76,9 +76,11 @@ class LanguageModeling:
         """Summed NLL and tokens over the first eval.server-max-batches (server) or
         eval.client-max-batches (client) batches: a fixed, comparable subset."""
         max_batches = cfg.eval.server_max_batches if server else cfg.eval.client_max_batches
+        precision = compute_precision(cfg)
 
         def evaluate(m) -> dict:
-            result = train.evaluate_nll(m, blocks, batch_size=cfg.train.batch_size, max_batches=max_batches)
+            result = train.evaluate_nll(m, blocks, batch_size=cfg.train.batch_size,
+                                        max_batches=max_batches, precision=precision)
             return {"nll": result.nll_sum, "tokens": result.tokens}
 
         return evaluate

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from task.precision import autocast, model_precision
+
 
 @dataclass(frozen=True)
 class EvalResult:
@@ -24,15 +26,17 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
                 lr: float, weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0,
                 penalty: Callable[[], torch.Tensor] | None = None,
                 after_step: Callable[[int], None] | None = None,
-                precision: str = "fp32") -> float:
+                precision: str | None = None) -> float:
     """AdamW over the trainable parameters only; returns the mean training loss.
 
     ``max_steps`` caps the optimizer steps of this call (0 = the full ``epochs``), which is how
     CPU runs keep a round short. ``penalty`` is added to each step's loss (proximal terms);
     ``after_step(n)`` runs after optimizer step n (it may evaluate: training mode is restored).
-    ``precision="bf16"`` runs forward passes under bf16 autocast (the adapter and optimizer state
-    stay float32), on whatever device the model is on.
+    ``precision="bf16"`` runs forward passes under bf16 autocast (the trained parameters and
+    AdamW state stay float32; task/precision.py), on whatever device the model is on; None: the
+    model's own (bf16 when it holds bf16 weights).
     """
+    precision = precision or model_precision(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
@@ -44,7 +48,7 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
         order = torch.randperm(len(blocks), generator=generator)
         for start in range(0, len(blocks), batch_size):
             batch = blocks[order[start:start + batch_size]].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(precision, device):
                 loss = model(input_ids=batch, labels=batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss.item()} at step {len(losses)}")
@@ -65,16 +69,19 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
 
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, blocks: torch.Tensor, *, batch_size: int,
-                 max_batches: int = 0) -> EvalResult:
-    """Summed NLL over the first ``max_batches`` batches (0 = all): a fixed, comparable subset."""
+                 max_batches: int = 0, precision: str | None = None) -> EvalResult:
+    """Summed NLL over the first ``max_batches`` batches (0 = all): a fixed, comparable subset,
+    in the precision the model trains in (the loss itself is computed from float32 logits)."""
     model.eval()
     device = next(model.parameters()).device
+    precision = precision or model_precision(model)
     nll, tokens = 0.0, 0
     for i, start in enumerate(range(0, len(blocks), batch_size)):
         if max_batches and i >= max_batches:
             break
         batch = blocks[start:start + batch_size].to(device)
         n = batch.numel() - batch.shape[0]  # the first token of each block is not predicted
-        nll += model(input_ids=batch, labels=batch).loss.item() * n
+        with autocast(precision, device):
+            nll += model(input_ids=batch, labels=batch).loss.item() * n
         tokens += n
     return EvalResult(nll, tokens)
