@@ -29,14 +29,17 @@ from bench.report import markdown
 from bench.worker import MARK
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("peak", "comm", "codecs", "step", "backbone", "costs", "sim")
+SECTIONS = ("peak", "comm", "codecs", "step", "precision", "backbone", "costs", "sim")
+# The offline default run end to end, fp32 vs auto (about 20 minutes here): asked for by name.
+# and the image task's GAN step and FID/KID features, fp32 vs bf16 (about 10 minutes).
+OPT_IN = ("e2e", "image")
 
 SIZES = {  # "tiny": every measurement on tiny-gpt2, a minute or two: checks the harness itself
-    "tiny": dict(backbone="tiny-gpt2", step_steps=2, calls=2, codec_clients=2, codec_rounds=2,
+    "tiny": dict(backbone="tiny-gpt2", step_steps=2, image_steps=2, image_fid_images=32, precision_steps=2, precision_eval_blocks=8, calls=2, codec_clients=2, codec_rounds=2,
                  codec_steps=1, tiny_rounds=3, tiny_clients=4, smol_rounds=3, smol_clients=2),
-    "quick": dict(backbone="smollm2-135m", step_steps=3, calls=3, codec_clients=2, codec_rounds=2, codec_steps=2,
+    "quick": dict(backbone="smollm2-135m", step_steps=3, image_steps=10, image_fid_images=256, precision_steps=6, precision_eval_blocks=64, calls=3, codec_clients=2, codec_rounds=2, codec_steps=2,
                   tiny_rounds=3, tiny_clients=10, smol_rounds=3, smol_clients=2),
-    "full": dict(backbone="smollm2-135m", step_steps=8, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
+    "full": dict(backbone="smollm2-135m", step_steps=8, image_steps=20, image_fid_images=1000, precision_steps=10, precision_eval_blocks=128, calls=6, codec_clients=5, codec_rounds=4, codec_steps=3,
                  tiny_rounds=6, tiny_clients=10, smol_rounds=4, smol_clients=10),
 }
 
@@ -77,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_const", dest="size", const="quick")
     size.add_argument("--full", action="store_const", dest="size", const="full")
     size.add_argument("--tiny", action="store_const", dest="size", const="tiny")
-    parser.add_argument("--only", default=",".join(SECTIONS), help=f"subset of {SECTIONS}")
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"subset of {SECTIONS + OPT_IN} (default: all but {OPT_IN})")
+    parser.add_argument("--compile", action="store_true",
+                        help="precision section: also time torch.compile of the bf16 model "
+                             "(its first call compiles for about 80 s here)")
     parser.add_argument("--lock", default=None, help="file lock held around each heavy measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--merge", action="store_true",
@@ -152,10 +159,43 @@ def main(argv: list[str] | None = None) -> int:
         begin("step")
         print("local step: LoRA vs full fine-tuning", flush=True)
         results["step"] = [run_worker("local_step", args.lock, backbone=b, mode=m,
-                                      steps=p["step_steps"], work_dir=w)
-                           for b, m in ((p["backbone"], "lora"), (p["backbone"], "full"),
-                                        ("tiny-gpt2", "lora"))[:3 if p["backbone"] != "tiny-gpt2" else 2]]
+                                      steps=p["step_steps"], work_dir=w, precision=prec)
+                           for b, m, prec in ((p["backbone"], "lora", "fp32"), (p["backbone"], "lora", "bf16"),
+                                              (p["backbone"], "full", "fp32"), (p["backbone"], "full", "bf16"),
+                                              ("tiny-gpt2", "lora", "fp32"))[:5 if p["backbone"] != "tiny-gpt2" else 4]]
         save()
+    if "precision" in only:
+        begin("precision")
+        print("precision: fp32 vs bf16 side by side; thread layout", flush=True)
+        results["precision"] = {
+            "step": run_worker("precision_step", args.lock, timeout=900, backbone=p["backbone"],
+                               steps=p["precision_steps"], eval_blocks=p["precision_eval_blocks"],
+                               work_dir=w, compile=args.compile),
+            "threads": run_worker("thread_layout", args.lock, backbone=p["backbone"],
+                                  steps=p["precision_steps"] + 1, work_dir=w)}
+        save()
+    if "image" in only:
+        begin("image")
+        print("image task: GAN step and FID/KID features, fp32 vs bf16", flush=True)
+        results["image_precision"] = run_worker("image_precision", args.lock, timeout=1800,
+                                                steps=p["image_steps"], fid_images=p["image_fid_images"],
+                                                work_dir=w)
+        save()
+    if "e2e" in only:
+        from bench.sim import default_run  # deferred: only --only e2e needs scripts/simulate.py
+
+        begin("e2e")
+        print("the offline default run end to end: fp32 vs auto", flush=True)
+        runs = {}
+        for precision in ("fp32", "auto"):
+            with heavy(args.lock):
+                runs[precision] = default_run(precision, work)
+            runs[precision]["whole_test_set"] = run_worker(
+                "checkpoint_ppl", args.lock, run_dir=str(work / f"default-{precision}"), work_dir=w)
+            print(f"  {precision}: {runs[precision]['wall_s']:.0f} s, final global ppl "
+                  f"{runs[precision]['final_global_ppl']:.2f}", flush=True)
+            results["e2e"] = runs
+            save()
     if "backbone" in only:
         begin("backbone")
         print("shared backbone vs reload per call", flush=True)

@@ -24,20 +24,29 @@ from strategies.records import model_bytes
 from strategies.registry import strategy_entry
 from task.adapters import (
     add_lora,
+    compute_precision,
     get_adapter_state,
     get_full_state,
     initial_adapter_state,
+    load_adapter_file,
     personal_adapter_dir,
     save_adapter,
     set_adapter_state,
     shared_full_model,
     shared_lora_model,
 )
+from task import get_task
 from task.compression import CODECS, encode_update
 from task.config import RunConfig
-from task.lm.data import client_blocks, client_blocks_path, global_test_blocks, load_corpus
+from task.lm.data import (
+    client_blocks,
+    client_blocks_path,
+    global_test_blocks,
+    load_corpus,
+)
 from task.lm.model import load_backbone, parameter_counts
 from task.lm.train import evaluate_nll, train_local
+from task.precision import autocast
 from task.results import RunRecorder
 
 
@@ -85,25 +94,30 @@ def _training_flops(model, batch: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def local_step(backbone: str, mode: str, steps: int, work_dir: str) -> dict:
+def local_step(backbone: str, mode: str, steps: int, work_dir: str, precision: str = "auto") -> dict:
     """Time and memory of optimizer steps of LoRA (``mode='lora'``) or full fine-tuning
-    (``'full'``) on the same backbone and the same batch (batch-size x seq-len tokens)."""
-    cfg = bench_config(backbone, work_dir)
+    (``'full'``) on the same backbone and the same batch (batch-size x seq-len tokens), in
+    ``model.precision`` = ``precision``."""
+
+    cfg = bench_config(backbone, work_dir, **{"model.precision": precision})
+    precision = compute_precision(cfg)
     model = shared_lora_model(cfg) if mode == "lora" else shared_full_model(cfg)
     blocks = client_blocks(cfg, 0, 100)[0][:cfg.train.batch_size]
     batch = blocks[:cfg.train.batch_size]
     flops = _training_flops(model, batch)
     rss_loaded = rss_mib()
     lr = cfg.train.learning_rate if mode == "lora" else cfg.train.full_learning_rate
-    train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1)  # warm up
+    train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1,
+                precision=precision)  # warm up
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1, seed=i)
+        train_local(model, batch, epochs=1, batch_size=cfg.train.batch_size, lr=lr, max_steps=1, seed=i,
+                    precision=precision)
         times.append(time.perf_counter() - t)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     step_s = sorted(times)[len(times) // 2]
-    return {"backbone": backbone, "mode": mode, "tokens": batch.numel(), "step_s": step_s,
+    return {"backbone": backbone, "mode": mode, "precision": precision, "tokens": batch.numel(), "step_s": step_s,
             "step_times_s": times, "trainable_params": trainable, "flops_per_step": flops,
             "flops_per_s": flops / step_s, "rss_after_load_mib": rss_loaded,
             "peak_rss_mib": peak_rss_mib(), "training_peak_mib": peak_rss_mib() - rss_loaded}
@@ -272,3 +286,241 @@ def recorder_rounds(rounds: int, plot_every_s: float, work_dir: str) -> dict:
     later = times[1:]
     return {"plot_every_s": plot_every_s, "rounds": rounds, "first_round_s": times[0],
             "round_s": sum(later) / len(later), "peak_rss_mib": peak_rss_mib()}
+
+
+# --------------------------------------------------------------------------- precision
+def _matmul_rate(dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def _lora_variant(cfg: RunConfig, weights: torch.dtype, attention: str):
+    """A fresh backbone + LoRA (not the process-wide one): weights in ``weights``, the adapter
+    float32, attention kernel ``attention`` (sdpa | eager)."""
+    backbone = load_backbone(cfg, weights)
+    backbone.config._attn_implementation = attention
+    return add_lora(cfg, backbone)
+
+
+def _steps(model, batch: torch.Tensor, precision: str, steps: int) -> tuple[float, list[float]]:
+    """Median step time of ``steps`` AdamW steps (after one warm-up step), and every loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-4)
+    torch.manual_seed(0)
+    model.train()
+    times, losses = [], []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with autocast(precision, batch.device):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+        losses.append(loss.item())
+    model.eval()
+    return sorted(times[1:])[len(times[1:]) // 2], losses
+
+
+def precision_step(backbone: str, steps: int, eval_blocks: int, work_dir: str,
+                   compile: bool = False) -> dict:
+    """fp32 vs bf16 side by side in one process, on the same batch (default batch-size x
+    seq-len) and the same seeded initial adapter: the LoRA step of every way to run bf16 (bf16
+    weights + float32 adapter under autocast: the one ``model.precision = bf16`` uses; float32
+    weights under autocast; bf16 weights without autocast), SDPA vs eager attention, optionally
+    ``torch.compile``; each step's FLOP rate against the same dtype's matmul peak; perplexity of
+    the untrained and the 1-step-trained model on the first ``eval_blocks`` global test blocks."""
+    cfg = bench_config(backbone, work_dir)
+    batch = client_blocks(cfg, 0, 100)[0][:cfg.train.batch_size]
+    test = global_test_blocks(cfg)[:eval_blocks]
+    peaks = {"fp32": _matmul_rate(torch.float32), "bf16": _matmul_rate(torch.bfloat16)}
+    variants = {  # name: (backbone weights, compute precision, attention)
+        "fp32, SDPA attention": (torch.float32, "fp32", "sdpa"),
+        "fp32, eager attention (the fp32 run on CPU)": (torch.float32, "fp32", "eager"),
+        "bf16 weights + autocast, SDPA": (torch.bfloat16, "bf16", "sdpa"),
+        "bf16 weights + autocast, eager (the bf16 run on CPU)": (torch.bfloat16, "bf16", "eager"),
+        "fp32 weights + autocast, eager": (torch.float32, "bf16", "eager"),
+        "bf16 weights, no autocast, eager": (torch.bfloat16, "fp32", "eager"),
+    }
+    out = {}
+    flops = None
+    for name, (weights, precision, attention) in variants.items():
+        model = _lora_variant(cfg, weights, attention)
+        if flops is None:
+            flops = _training_flops(model, batch)
+        with autocast(precision, batch.device):
+            untrained = evaluate_nll(model, test, batch_size=cfg.train.batch_size)
+        step_s, losses = _steps(model, batch, precision, steps)
+        t = time.perf_counter()
+        with autocast(precision, batch.device):
+            trained = evaluate_nll(model, test, batch_size=cfg.train.batch_size)
+        eval_s = time.perf_counter() - t
+        dtype = "bf16" if precision == "bf16" or weights == torch.bfloat16 else "fp32"
+        out[name] = {"step_s": step_s, "losses": losses, "flops_per_s": flops / step_s,
+                     "share_of_peak": flops / step_s / peaks[dtype], "peak_dtype": dtype,
+                     "ppl_untrained": untrained.perplexity, "ppl_after_steps": trained.perplexity,
+                     "eval_s": eval_s, "eval_tokens": trained.tokens}
+        del model
+    result = {"backbone": backbone, "tokens": batch.numel(), "flops_per_step": flops,
+              "matmul_peak_flops_per_s": peaks, "threads": torch.get_num_threads(),
+              "steps": steps, "variants": out}
+    if compile:
+        model = _lora_variant(cfg, torch.bfloat16, "eager")
+        compiled = torch.compile(model)
+        t = time.perf_counter()
+        with autocast("bf16", batch.device):
+            compiled(input_ids=batch, labels=batch).loss.backward()
+        first = time.perf_counter() - t
+        model.zero_grad(set_to_none=True)
+        step_s, losses = _steps(compiled, batch, "bf16", steps)
+        result["compiled"] = {"first_call_s": first, "step_s": step_s, "losses": losses,
+                              "share_of_peak": flops / step_s / peaks["bf16"]}
+    result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def _steps_in_child(backbone: str, steps: int, threads: int, work_dir: str, queue, go) -> None:
+    torch.set_num_threads(threads)
+    cfg = bench_config(backbone, work_dir, **{"model.precision": "bf16"})
+    model = shared_lora_model(cfg)
+    batch = client_blocks(cfg, 0, 100)[0][:cfg.train.batch_size]
+    _steps(model, batch, "bf16", 1)  # warm up
+    queue.put("ready")
+    go.wait()  # every process steps at the same time
+    t = time.perf_counter()
+    _steps(model, batch, "bf16", steps - 1)  # steps in all, the first of them untimed
+    queue.put(time.perf_counter() - t)
+
+
+def thread_layout(backbone: str, steps: int, work_dir: str) -> dict:
+    """Throughput of bf16 LoRA steps with this machine's cores as one client process with all
+    threads (what one Ray actor with client-resources num-cpus = all gets) vs one process per core
+    with one thread each (one actor per CPU), the processes stepping at the same time."""
+    import multiprocessing as mp
+
+    cores = os.cpu_count() or 1
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name, procs, threads in ((f"1 process x {cores} threads", 1, cores),
+                                 (f"{cores} processes x 1 thread", cores, 1)):
+        queue, go = ctx.Queue(), ctx.Event()
+        workers = [ctx.Process(target=_steps_in_child,
+                               args=(backbone, steps, threads, work_dir, queue, go))
+                   for _ in range(procs)]
+        for w in workers:
+            w.start()
+        ready = [queue.get(timeout=600) for _ in workers]
+        assert all(r == "ready" for r in ready)
+        t = time.perf_counter()
+        go.set()
+        times = [queue.get(timeout=600) for _ in workers]
+        wall = time.perf_counter() - t
+        for w in workers:
+            w.join()
+        total_steps = procs * (steps - 1)
+        out[name] = {"processes": procs, "threads": threads, "steps": total_steps,
+                     "wall_s": wall, "steps_per_s": total_steps / wall, "process_s": times}
+    return {"backbone": backbone, "cores": cores, "layouts": out, "peak_rss_mib": peak_rss_mib()}
+
+
+def checkpoint_ppl(run_dir: str, work_dir: str) -> dict:
+    """The final global adapter of a finished run (its last peft checkpoint) on the whole global
+    test set, evaluated in fp32 and in bf16: the same adapter, so the two figures differ by the
+    evaluation precision alone."""
+    folder = sorted((Path(run_dir) / "checkpoints").glob("round-*"))[-1]
+    out = {"checkpoint": folder.name}
+    for precision in ("fp32", "bf16"):
+        cfg = bench_config("smollm2-135m", work_dir, **{"model.precision": precision})
+        model = shared_lora_model(cfg)
+        set_adapter_state(model, load_adapter_file(folder))
+        test = global_test_blocks(cfg)
+        result = evaluate_nll(model, test, batch_size=cfg.train.batch_size, precision=precision)
+        out[precision] = {"ppl": result.perplexity, "tokens": result.tokens, "blocks": len(test)}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+# --------------------------------------------------------------------------- image precision
+def image_precision(steps: int, fid_images: int, work_dir: str) -> dict:
+    """The image task in fp32 vs bf16 autocast, side by side in one process: the local GAN step
+    (generator adapter + private discriminator, the default batch), and the FID / KID of the
+    same pre-trained generator's samples against the same real test images with InceptionV3
+    features computed in fp32 vs under bf16 autocast (is the extractor's precision a change in
+    the score below 0.5%?), plus the samples generated under bf16 and scored in fp32."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    from task.image.fid import InceptionFeatures  # deferred: torchvision and FID only here
+    from task.image.train import generate, real_uint8, train_gan_local  # deferred: same
+
+    cfg = bench_config("smollm2-135m", work_dir, task="image", **{
+        "data.dataset": "fashion-mnist", "data.partitioner": "dirichlet",
+        "model.precision": "fp32"})
+    model = shared_lora_model(cfg)
+    task = get_task(cfg)
+    rows = task.client_data(cfg, 0, 100)[0]
+    start = get_adapter_state(model)
+    device = torch.device("cpu")
+    out: dict = {"batch_size": cfg.train.batch_size, "steps": steps}
+    for precision in ("fp32", "bf16"):
+        set_adapter_state(model, start)
+        with autocast(precision, device):
+            train_gan_local(model, rows, epochs=1, batch_size=cfg.train.batch_size, lr=1e-3, max_steps=1)
+            t = time.perf_counter()
+            loss = train_gan_local(model, rows, epochs=100, batch_size=cfg.train.batch_size,
+                                   lr=1e-3, max_steps=steps, seed=1)
+        out[f"gan_step_s_{precision}"] = (time.perf_counter() - t) / steps
+        out[f"gan_loss_{precision}"] = loss
+    set_adapter_state(model, start)
+
+    real, labels = real_uint8(task.global_test_data(cfg)[:fid_images], cfg_channels(cfg))
+    fake = generate(model, labels, seed=cfg.seed)
+    with autocast("bf16", device):
+        fake_bf16 = generate(model, labels, seed=cfg.seed)
+    subset = min(fid_images // 2, 100)
+
+    class Precomputed(torch.nn.Module):  # the metrics on features extracted beforehand
+        num_features = InceptionFeatures.num_features
+
+        def forward(self, features):
+            return features
+
+    def scores(real_images, fake_images, precision) -> dict:
+        fid = FrechetInceptionDistance(feature=Precomputed(), normalize=False)
+        kid = KernelInceptionDistance(feature=Precomputed(), subset_size=subset, normalize=False)
+        t = time.perf_counter()
+        with autocast(precision, device):
+            features_real = InceptionFeatures()(real_images)
+            features_fake = InceptionFeatures()(fake_images)
+        seconds = time.perf_counter() - t
+        for metric in (fid, kid):
+            metric.update(features_real.float(), real=True)
+            metric.update(features_fake.float(), real=False)
+        kid_mean, kid_std = kid.compute()
+        return {"fid": float(fid.compute()), "kid": float(kid_mean), "kid_std": float(kid_std),
+                "feature_s_per_image": seconds / (len(real_images) + len(fake_images))}
+
+    torch.manual_seed(0)  # KID's random subsets
+    out["features_fp32"] = scores(real, fake, "fp32")
+    torch.manual_seed(0)
+    out["features_bf16"] = scores(real, fake, "bf16")
+    torch.manual_seed(0)
+    out["bf16_samples_fp32_features"] = scores(real, fake_bf16, "fp32")
+    a, b = out["features_fp32"], out["features_bf16"]
+    out["fid_change_pct"] = 100 * (b["fid"] / a["fid"] - 1)
+    out["kid_change_pct"] = 100 * (b["kid"] / a["kid"] - 1)
+    out["images"] = len(real)
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def cfg_channels(cfg: RunConfig) -> int:
+    from task.image.data import load_images  # deferred: see image_precision
+
+    return load_images(cfg).channels

