@@ -23,11 +23,10 @@ import time
 import tomllib
 from pathlib import Path
 
-import tomli_w
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from simulate import ROOT, LocalSuperLink, write_flower_home  # noqa: E402
+from simulate import ROOT, LocalSuperLink  # noqa: E402
 
 # Every client trains every round (10 of 10), so 10% = 1 attacker and 30% = 3 in each round.
 BASE = {"num-server-rounds": 2, "strategy.fraction-train": 1.0, "strategy.fraction-evaluate": 0.3,
@@ -88,11 +87,7 @@ def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: d
     shutil.rmtree(out, ignore_errors=True)
     killed_at = None
     with LocalSuperLink(work / "flwr-killed") as doomed:
-        write_flower_home(doomed.home, doomed.port, clients, doomed.num_cpus)
-        path = doomed.home / "run-config.toml"
-        path.write_text(tomli_w.dumps(config))
-        proc = subprocess.Popen([str(doomed.bin_dir / "flwr"), "run", str(ROOT), "fedgen",
-                                 "--stream", "--run-config", str(path)], env=doomed.env, cwd=ROOT,
+        proc = subprocess.Popen(doomed.command(config, clients), env=doomed.env, cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.time()
         while proc.poll() is None and time.time() - t0 < 900:

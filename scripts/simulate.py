@@ -53,7 +53,9 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> N
     raise TimeoutError(f"flower-superlink did not open port {port} in {timeout}s")
 
 
-def write_flower_home(home: Path, port: int, num_supernodes: int, cpus: int) -> None:
+def write_flower_home(home: Path, port: int) -> None:
+    """The Flower home's one connection, ``fedgen``, to our SuperLink (the simulation's size goes
+    with each run as ``--federation-config``: the connection's old ``options.`` are deprecated)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(f"""[superlink]
 default = "fedgen"
@@ -61,13 +63,12 @@ default = "fedgen"
 [superlink.fedgen]
 address = "127.0.0.1:{port}"
 insecure = true
-
-[superlink.fedgen.options]
-num-supernodes = {num_supernodes}
-
-[superlink.fedgen.options.backend.client-resources]
-num-cpus = {cpus}
 """)
+
+
+def federation_config(num_supernodes: int, cpus: int) -> str:
+    """``flwr run --federation-config``: simulated nodes and CPUs per client actor."""
+    return f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"
 
 
 def merge_run_config(items: list[str]) -> dict:
@@ -293,7 +294,7 @@ class LocalSuperLink:
                   f"{info['gcs']}), {len(info['nodes'])} alive nodes; client actors of "
                   f"{self.num_cpus} CPU(s) per node: {per_node}; {info['actors']} in all",
                   flush=True)
-        write_flower_home(self.home, self.port, 2, self.num_cpus)
+        write_flower_home(self.home, self.port)
         self.proc = subprocess.Popen(
             [str(self.bin_dir / "flower-superlink"), "--insecure", "--simulation",
              "--isolation", "subprocess", "--disable-runtime-dependency-installation",
@@ -312,16 +313,39 @@ class LocalSuperLink:
             raise
         return self
 
-    def run(self, run_config: dict, num_supernodes: int, timeout: float | None = None) -> int:
-        """``flwr run . fedgen --stream`` with this run config; returns its exit code."""
-        write_flower_home(self.home, self.port, num_supernodes, self.num_cpus)
-        cmd = [str(self.bin_dir / "flwr"), "run", str(ROOT), "fedgen", "--stream"]
+    def command(self, run_config: dict, num_supernodes: int) -> list[str]:
+        """``flwr run . fedgen --stream`` with this run config and federation size."""
+        cmd = [str(self.bin_dir / "flwr"), "run", str(ROOT), "fedgen", "--stream",
+               "--federation-config", federation_config(num_supernodes, self.num_cpus)]
         if run_config:
             path = self.home / "run-config.toml"
             path.write_text(tomli_w.dumps(run_config))
             cmd += ["--run-config", str(path)]
+        return cmd
+
+    def runs(self) -> dict[str, str]:
+        """{run id: status} of every run this SuperLink has seen (``flwr ls``)."""
+        out = subprocess.run([str(self.bin_dir / "flwr"), "ls", "fedgen", "--format", "json"],
+                             env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        try:
+            return {r["run-id"]: r["status"] for r in json.loads(out.stdout)["runs"]}
+        except (ValueError, KeyError) as e:
+            raise RuntimeError(f"flwr ls gave no run list ({e}): {out.stdout[-500:]}{out.stderr[-500:]}") from None
+
+    def run(self, run_config: dict, num_supernodes: int, timeout: float | None = None) -> int:
+        """Run the app and return 0 only if the run finished completed: `flwr run` itself exits 0
+        on a run that failed (a bad run-config key, a ServerApp error), so its status is read
+        back from the SuperLink."""
+        cmd = self.command(run_config, num_supernodes)
+        before = self.runs()
         print("+", " ".join(cmd), flush=True)
-        return subprocess.run(cmd, env=self.env, cwd=ROOT, timeout=timeout).returncode
+        code = subprocess.run(cmd, env=self.env, cwd=ROOT, timeout=timeout).returncode
+        new = {k: v for k, v in self.runs().items() if k not in before}
+        if code == 0 and (len(new) != 1 or next(iter(new.values())) != "finished:completed"):
+            print(f"the run did not complete: {new or 'no run was started'}", file=sys.stderr,
+                  flush=True)
+            return 1
+        return code
 
     def __exit__(self, *exc) -> None:
         self.watcher.done.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,7 +76,10 @@ def _float32_adapter(model: PeftModel, adapter_name: str) -> None:
 
 def add_lora(cfg: RunConfig, backbone: nn.Module) -> PeftModel:
     torch.manual_seed(cfg.seed)  # the same initial adapter in every process
-    model = get_peft_model(backbone, get_task(cfg).lora_config(cfg, backbone))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`: theirs to rename
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(backbone, get_task(cfg).lora_config(cfg, backbone))
     _float32_adapter(model, "default")
     get_task(cfg).prepare_adapter(model, "default")
     return model

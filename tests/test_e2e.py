@@ -44,6 +44,8 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
+    # the connection is in the current format: Flower warns about nothing deprecated
+    assert "deprecated" not in proc.stdout + proc.stderr
 
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
@@ -77,3 +79,19 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
     # Personal adapters stayed with the clients that trained.
     assert list((out / "clients").glob("client-*/personal-adapter/adapter_model.safetensors"))
+
+
+@pytest.mark.slow
+def test_simulate_exits_non_zero_when_the_run_fails(tmp_path):
+    """`flwr run` exits 0 on a run that failed; scripts/simulate.py must not (here a run-config
+    value the ServerApp refuses at start)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--num-supernodes", "2",
+         "--flwr-home", str(tmp_path / "flwr"), "--timeout", "300",
+         "--run-config", "conf/smoke.toml",
+         "--run-config", f"output-dir='{tmp_path / 'out'}' lora.rank=-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "did not complete" in proc.stderr and "finished:failed" in proc.stderr
+    assert not (tmp_path / "out" / "results.json").exists()
+    assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
