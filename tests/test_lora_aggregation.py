@@ -328,8 +328,11 @@ def test_correction_on_the_base_equals_the_adapter_it_stands_for(tiny_cfg, block
             corr[p + ".correction_B"], corr[p + ".correction_A"] = adapter[p + B_SUFFIX], v
     set_base_correction(model, corr, cfg.lora.alpha / cfg.lora.rank)
     set_adapter_state(model, initial_adapter_state(cfg))  # B = 0: the adapter adds nothing
-    with torch.no_grad():
-        got = model(input_ids=blocks[:2]).logits
+    try:
+        with torch.no_grad():
+            got = model(input_ids=blocks[:2]).logits
+    finally:
+        set_base_correction(model, None, 0.0)  # the shared model serves later tests
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

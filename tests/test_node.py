@@ -141,7 +141,7 @@ def test_small_device_knobs_bf16_and_gradient_checkpointing(tiny_cfg):
     """Gradient checkpointing gives the same gradients with less memory; bf16 autocast trains
     the adapter (kept in float32) and leaves the backbone frozen."""
 
-    from task.adapters import get_adapter_state, set_adapter_state
+    from task.adapters import get_adapter_state, initial_adapter_state, set_adapter_state
     from task.lm.train import train_local
 
     blocks = torch.randint(0, 1000, (8, tiny_cfg.train.seq_len))
@@ -150,6 +150,7 @@ def test_small_device_knobs_bf16_and_gradient_checkpointing(tiny_cfg):
         # an equivalence: exact arithmetic (bf16 recomputation rounds differently)
         cfg = tiny_cfg.replace(**{"model.gradient-checkpointing": checkpointing, "model.precision": "fp32"})
         model = shared_lora_model(cfg)
+        set_adapter_state(model, initial_adapter_state(cfg))  # the same start for both
         model.train()
         model(input_ids=blocks, labels=blocks).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
