@@ -161,29 +161,41 @@ class LocalDeployment:
     def kill_node(self, i: int) -> None:
         kill_tree(self.nodes.pop(i))
 
-    def restart_node(self, i: int, timeout: float = 180) -> subprocess.Popen:
-        """Start a crashed SuperNode again, as its device would after a reboot.
+    def wait_offline(self, i: int, timeout: float = 180) -> None:
+        """Wait until the SuperLink no longer counts SuperNode i as online.
 
         A node killed without saying goodbye stays online at the SuperLink until its heartbeat
         expires (at most 2 x 30 s), and activating it again is refused until then (the SuperNode
-        exits with Flower's code 305): wait for that first.
+        exits with Flower's code 305).
         """
         deadline = time.time() + timeout
-        while i in self.node_ids and self.node_statuses().get(self.node_ids[i]) == "online":
+        while i in self.node_ids:
+            statuses = self.node_statuses()
+            # None: the CLI did not answer; ask again rather than guess.
+            if statuses is not None and statuses.get(self.node_ids[i]) != "online":
+                return
             if time.time() > deadline:
                 raise TimeoutError(f"SuperNode {i} still online after {timeout}s")
             time.sleep(1)
-        return self.start_node(i)
 
-    def node_statuses(self) -> dict[int, str]:
-        """Node id -> status at the SuperLink (registered, online, offline, ...)."""
+    def restart_node(self, i: int, timeout: float = 180) -> subprocess.Popen:
+        """Start a crashed SuperNode again, as its device would after a reboot, once the
+        SuperLink has seen it go offline; return when it is online again."""
+        self.wait_offline(i, timeout)
+        proc = self.start_node(i)
+        self.wait_online(len(self.nodes), timeout)
+        return proc
+
+    def node_statuses(self) -> dict[int, str] | None:
+        """Node id -> status at the SuperLink (registered, online, offline, ...); None if the
+        CLI could not ask."""
         res = self._flwr("supernode", "list", CONNECTION, "--format", "json")
         if res.returncode != 0:
-            return {}
+            return None
         return {int(n["node-id"]): n["status"] for n in json.loads(res.stdout)["nodes"]}
 
     def online_nodes(self) -> int:
-        return sum(status == "online" for status in self.node_statuses().values())
+        return sum(status == "online" for status in (self.node_statuses() or {}).values())
 
     def wait_online(self, count: int, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -198,15 +210,20 @@ class LocalDeployment:
         raise TimeoutError(f"{count} SuperNodes were not online after {timeout}s")
 
     # ------------------------------------------------------------------ runs
-    def start_run(self, run_config: dict) -> subprocess.Popen:
-        """``flwr run . fedgen --stream`` in the background (its output goes to our stdout)."""
+    def start_run(self, run_config: dict, log_path: Path | None = None) -> subprocess.Popen:
+        """``flwr run . fedgen --stream`` in the background; its output goes to ``log_path``
+        (else to our stdout)."""
         cmd = [str(self.bin_dir / "flwr"), "run", str(ROOT), CONNECTION, "--stream"]
         if run_config:
             path = self.home / "run-config.toml"
             path.write_text(tomli_w.dumps(run_config))
             cmd += ["--run-config", str(path)]
         print("+", " ".join(cmd), flush=True)
-        return subprocess.Popen(cmd, env=self._cli_env(), cwd=ROOT)
+        if log_path is None:
+            return subprocess.Popen(cmd, env=self._cli_env(), cwd=ROOT)
+        with open(log_path, "ab") as log_file:
+            return subprocess.Popen(cmd, env=self._cli_env(), cwd=ROOT, stdout=log_file,
+                                    stderr=subprocess.STDOUT)
 
     def last_run_status(self) -> str:
         """Status of the latest run on this SuperLink, e.g. 'finished:completed'."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,13 +93,15 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
 
     work = tmp_path / "deploy"
     out = tmp_path / "out"
+    run_log = tmp_path / "run.log"
     with LocalDeployment(work, num_supernodes=3) as dep:
         # round 1: all train; round 2: node 2 is killed while training; once its heartbeat
         # expires the SuperLink answers its message with an error, the round goes on without
         # it, and the node is started again; the round-2 evaluation waits for all 3 nodes
         # (min-available-nodes), so node 2 evaluates the adapter it kept on disk; round 3: it
         # trains again.
-        run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 server.evaluate-every=2"))
+        run = dep.start_run(_run_config(tmp_path, "num-server-rounds=3 server.evaluate-every=2"),
+                            log_path=run_log)
         try:
             log = dep.node_dir(2) / "supernode.log"
             _wait(lambda: log.read_text().count("Receiving: train message") >= 2, 600,
@@ -107,6 +110,12 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
             adapter = next((dep.node_dir(2) / "state").glob("run-*/personal-adapter"))
             kept = _sha(adapter)
             assert load_file(str(adapter / "adapter_model.safetensors")), "a complete adapter"
+            dep.wait_offline(2)
+            # The SuperLink writes the error reply only when the ServerApp pulls (every 3 s)
+            # while the node is offline: a node back online before that leaves the message
+            # unanswered until round-timeout. Its device reboots after the server has seen it.
+            _wait(lambda: re.search(r"aggregate_train: node \d+ failed", run_log.read_text()), 300,
+                  "the server never saw node 2's failure")
             dep.restart_node(2)
 
             def evaluated_round_2() -> bool:
@@ -119,6 +128,7 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
         finally:
             if run.poll() is None:
                 stop(run)
+            print(run_log.read_text(errors="replace"))  # shown by pytest when the test fails
     assert not _processes_under(work), "every process started is stopped"
     assert status == "finished:completed"
 
