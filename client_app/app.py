@@ -68,7 +68,7 @@ class Client:
 def setup(msg: Message, context: Context) -> Client:
     """The run config (checked as at start), this node's config and data, what arrived."""
     node = NodeConfig.from_node_config(context.node_config)  # partition or own files, state dir
-    cfg = node.run_config(RunConfig.from_run_config(context.run_config))
+    cfg = node.run_config(RunConfig.from_run_config(context.run_config).for_run(context.run_id))
     task, entry = check_run(cfg)
     arrays = msg.content.array_records.get("arrays")
     train_data, test_data = node_data(cfg, node)

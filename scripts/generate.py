@@ -1,6 +1,6 @@
 """Generate with the backbone plus a chosen adapter (global checkpoint or a personal adapter), offline.
 
-    python scripts/generate.py --adapter outputs/default/global-adapter --prompt "The stock market"
+    python scripts/generate.py --adapter outputs/default/latest/global-adapter --prompt "The stock market"
     python scripts/generate.py --adapter ~/.fedgen-edge/node/run-<id>/personal-adapter \\
         --prompt "The stock market" --run-config conf/smoke.toml
 

@@ -32,7 +32,7 @@ import tomli_w
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from task.config import flatten_tables  # noqa: E402  (stdlib only: the launcher stays light)
+from task.config import ConfigError, RunConfig, flatten_tables  # noqa: E402  (stdlib only: the launcher stays light)
 
 
 def free_port() -> int:
@@ -83,6 +83,16 @@ def merge_run_config(items: list[str]) -> dict:
             for key, value in re.findall(r"([\w.-]+)=('[^']*'|\"[^\"]*\"|\S+)", item):
                 merged[key] = tomllib.loads(f"v = {value}")["v"]
     return merged
+
+
+def results_folder(run_config: dict, run_id: int) -> Path | None:
+    """The output folder the apps resolved for this run (output-dir with {run-name}, {run-id}),
+    if the run wrote results there."""
+    try:
+        out = RunConfig.from_run_config(run_config).for_run(run_id).output_path
+    except ConfigError:  # the ServerApp refused the run config: it wrote nothing
+        return None
+    return out if (out / "results.json").exists() else None
 
 
 class PeakMemory(threading.Thread):
@@ -272,6 +282,7 @@ class LocalSuperLink:
         self.home = home.resolve()
         self.ray_address = ray_address
         self.attached = ray_address not in (None, "", "local")
+        self.results: Path | None = None  # the run's output folder, printed at the end
         # a cluster's nodes may have more cores than this machine: Flower sizes the pool per node
         self.num_cpus = num_cpus if self.attached else min(num_cpus, os.cpu_count() or 1)
         self.report_memory = report_memory
@@ -341,6 +352,8 @@ class LocalSuperLink:
         print("+", " ".join(cmd), flush=True)
         code = subprocess.run(cmd, env=self.env, cwd=ROOT, timeout=timeout).returncode
         new = {k: v for k, v in self.runs().items() if k not in before}
+        if len(new) == 1:
+            self.results = results_folder(run_config, int(next(iter(new))))
         if code == 0 and (len(new) != 1 or next(iter(new.values())) != "finished:completed"):
             print(f"the run did not complete: {new or 'no run was started'}", file=sys.stderr,
                   flush=True)
@@ -354,6 +367,8 @@ class LocalSuperLink:
                   f"wall {time.time() - self.t0:.0f} s", flush=True)
             print("  at the peak: " + ", ".join(f"{name} {rss / 2**20:.0f} MiB"
                                                 for name, rss in self.watcher.at_peak[:8]), flush=True)
+        if self.results is not None:
+            print(f"results: {self.results}", flush=True)
         stop(self.proc, self.home, spare_ray=self.attached)
 
 

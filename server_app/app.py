@@ -31,10 +31,11 @@ from task.adapters import (
     shared_lora_model,
     torch_device,
 )
-from task.config import RunConfig
+from task.config import RunConfig, point_latest_at
 from task.memory import release_freed_memory
 from task.precision import precision_record
 from task.privacy import PrivacyAccountant
+from task.progress import Progress
 from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
 
 app = ServerApp()
@@ -44,10 +45,14 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
     task, entry = check_run(cfg)  # so does an option the task or strategy cannot honour
+    cfg = cfg.for_run(context.run_id)  # output-dir: this run's own folder (or resume's)
     m, out, t0 = task.caps.metric, cfg.output_path, time.time()
     resumed = resume_point(cfg, out)  # (last checkpointed round, its state) with resume = true
     if resumed is None:
         shutil.rmtree(out / "clients", ignore_errors=True)  # personal state of an earlier run
+    out.mkdir(parents=True, exist_ok=True)
+    if RunConfig.from_run_config(context.run_config).names_each_run():
+        point_latest_at(out)
     log.info("FedGen-Edge: task %s, %s on %s/%s, strategy %s, output %s", task.name,
              task.backbone_name(cfg), cfg.data.dataset, cfg.data.partitioner, cfg.strategy.name, out)
 
@@ -222,13 +227,31 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
         "personalize": True, "personalize-partitions": ",".join(map(str, chosen)),
         "server-round": 0})})
     log.info("personalization: clients %s fine-tune the final model", chosen)
-    replies = grid.send_and_receive(
-        [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
-        timeout=cfg.server.round_timeout)
+    replies = _send_and_receive_with_progress(
+        grid, [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
+        cfg.server.round_timeout, Progress("personalization", len(chosen), "clients"))
     valid, _, _ = split_replies(replies, lambda node: None, "personalization")
     rows = [{k: float(v) for k, v in next(iter(m.content.metric_records.values())).items()}
             for m, _, _ in valid]
     return [r for r in rows if r.get("num-examples", 0) > 0]
+
+
+def _send_and_receive_with_progress(grid: Grid, messages: list[Message], timeout: float,
+                                    progress: Progress, poll_s: float = 1.0) -> list[Message]:
+    """``grid.send_and_receive``, counting the replies that did work (an error, or a
+    ``num-examples`` > 0) as they come, so a long phase shows how far it is."""
+    pending = set(grid.push_messages(messages))
+    replies, deadline = [], time.time() + timeout
+    while pending and time.time() < deadline:
+        for reply in grid.pull_messages(pending):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            metrics = [] if reply.has_error() else list(reply.content.metric_records.values())
+            if reply.has_error() or any(m.get("num-examples", 0) > 0 for m in metrics):
+                progress.update()
+        if pending:
+            time.sleep(poll_s)
+    return replies
 
 
 def _centralized_local_eval(cfg: RunConfig, task, model, load, state, num_clients: int) -> list[dict]:

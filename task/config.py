@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -50,7 +51,8 @@ class RunConfig:
     task: str = "lm"
     num_server_rounds: int = 6
     seed: int = 42
-    output_dir: str = "outputs/default"
+    run_name: str = "default"
+    output_dir: str = "outputs/{run-name}/{run-id}"
     cache_dir: str = ""
     resume: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -135,6 +137,11 @@ class RunConfig:
 
         need_top(self.num_server_rounds >= 1, "num_server_rounds", "must be >= 1")
         need_top(bool(self.output_dir), "output_dir", "must not be empty")
+        need_top(bool(self.run_name) and "/" not in self.run_name and self.run_name not in (".", ".."),
+                 "run_name", "must be a folder name (no '/')")
+        unknown = set(re.findall(r"\{[^}]*\}", self.output_dir)) - set(OUTPUT_DIR_FIELDS)
+        need_top(not unknown, "output_dir",
+                 f"unknown field(s) {sorted(unknown)}; it may use {', '.join(OUTPUT_DIR_FIELDS)}")
         for f in dataclasses.fields(self):
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
@@ -144,7 +151,30 @@ class RunConfig:
     # apps run from a bundle copy whose working directory is not the user's checkout.
     @property
     def output_path(self) -> Path:
+        if "{" in self.output_dir:
+            raise RuntimeError(f"output-dir {self.output_dir!r} names a run: use cfg.for_run(run_id)")
         return _resolve(self.output_dir)
+
+    def for_run(self, run_id: int) -> "RunConfig":
+        """This config with ``output-dir`` resolved for Flower run ``run_id``.
+
+        ``{run-name}`` becomes ``run-name``; ``{run-id}`` gives each run its own folder (so a
+        smoke run never overwrites the default run's results), except that ``resume = true``
+        continues in the folder ``latest`` points to. The ServerApp points ``latest`` at its
+        folder (:func:`point_latest_at`); both apps resolve to the same folder.
+        """
+        path = self.output_dir.replace("{run-name}", self.run_name)
+        if "{run-id}" in path:
+            latest = _resolve(path.replace("{run-id}", LATEST))
+            if self.resume and latest.exists():
+                path = str(latest.resolve())
+            else:
+                path = path.replace("{run-id}", str(run_id))
+        return dataclasses.replace(self, output_dir=str(_resolve(path)))
+
+    def names_each_run(self) -> bool:
+        """True when ``output-dir`` gives each run its own folder (it uses ``{run-id}``)."""
+        return "{run-id}" in self.output_dir
 
     @property
     def cache_path(self) -> Path:
@@ -160,6 +190,19 @@ def flatten_tables(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+OUTPUT_DIR_FIELDS = ("{run-name}", "{run-id}")
+LATEST = "latest"  # beside the run folders: a link to the newest one
+
+
+def point_latest_at(out: Path) -> None:
+    """``<out>/../latest`` -> ``out`` (a relative link, so the tree can move)."""
+    link = out.parent / LATEST
+    tmp = out.parent / f".{LATEST}.tmp{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(out.name, target_is_directory=True)
+    tmp.replace(link)  # atomic: a reader sees the old link or the new one
 
 
 def fedgen_home() -> Path:

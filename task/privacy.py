@@ -14,7 +14,17 @@ does; the server samples a fixed-size seeded subset, the usual approximation of 
 
 from __future__ import annotations
 
+import logging
+
+_root = logging.getLogger()
+_handlers_before = list(_root.handlers)
 from opacus.accountants import RDPAccountant
+
+# opacus calls logging.basicConfig at import; that root handler would print every Flower log
+# line a second time (Flower's own handler already prints them), so take it off again.
+for _handler in _root.handlers[:]:
+    if _handler not in _handlers_before:
+        _root.removeHandler(_handler)
 
 
 class PrivacyAccountant:

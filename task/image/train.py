@@ -46,6 +46,7 @@ from task.image.model import (
     build_generator,
     save_module,
 )
+from task.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,14 @@ def pretrain(cfg: RunConfig) -> dict:
     log.info("pre-training the generator backbone on %d public images, %d steps", len(rows),
              cfg.image.pretrain_steps)
     t0 = time.time()
+    progress = Progress("pre-training the generator backbone", cfg.image.pretrain_steps, "steps")
     for step in range(1, cfg.image.pretrain_steps + 1):
         batch = rows[torch.randint(len(rows), (PRETRAIN_BATCH,), generator=gen)]
         real, labels = unpack_rows(batch, data.channels)
         noise = torch.randn(len(batch), NOISE_DIM, generator=gen)
         d_loss, g_loss = gan_step(generator, discriminator, opt_g, opt_d, real, labels, noise,
                                   list(generator.parameters()))
-        if step % 250 == 0:
-            log.info("pretrain step %d: d loss %.3f, g loss %.3f, %.0fs", step, d_loss, g_loss,
-                     time.time() - t0)
+        progress.update(d_loss=f"{d_loss:.3f}", g_loss=f"{g_loss:.3f}")
     record = {"pretrain_steps": cfg.image.pretrain_steps, "pretrain_batch": PRETRAIN_BATCH,
               "public_images": len(rows), "pretrain_s": round(time.time() - t0, 1),
               "generator_params": sum(p.numel() for p in generator.parameters()),
