@@ -218,9 +218,8 @@ def compression_quality(backbone: str, codecs: list[str], clients: int, rounds: 
         model = shared_lora_model(cfg)
         state = strategy_entry(cfg).module.server_global_state(cfg, stats["arrays"].to_torch_state_dict())
         set_adapter_state(model, state)
-        ev = evaluate_nll(model, global_test_blocks(cfg), batch_size=cfg.train.batch_size,
-                          max_batches=cfg.eval.server_max_batches)
-        out[codec] = {"global_ppl": ev.perplexity, "eval_tokens": ev.tokens,
+        ev = get_task(cfg).evaluator(cfg, global_test_blocks(cfg), seed=cfg.seed, scope="round")(model)
+        out[codec] = {"global_ppl": math.exp(ev["nll"] / ev["tokens"]), "eval_tokens": ev["tokens"],
                       "upload_bytes_per_update": sum(stats["upload_bytes"]) / len(stats["upload_bytes"]),
                       "rejected": stats["rejected"], "wall_s": time.perf_counter() - t}
     return {"backbone": backbone, "clients_per_round": clients, "rounds": rounds,

@@ -50,7 +50,7 @@ def simulate(backbone: str, num_supernodes: int, clients_per_round: int, rounds:
         "model.name": backbone, "output-dir": str(out), "cache-dir": str(ROOT / ".cache" / "fedgen"),
         "num-server-rounds": rounds, "strategy.fraction-train": clients_per_round / num_supernodes,
         "strategy.fraction-evaluate": 1 / num_supernodes, "server.evaluate-every": rounds,
-        "server.checkpoint-every": rounds, "server.personalize-clients": 0, "eval.server-max-batches": 1, **overrides}
+        "server.checkpoint-every": rounds, "server.personalize-clients": 0, "eval.server-round-tokens": 512, **overrides}
     t = time.time()
     with LocalSuperLink(work_dir / f"flwr-home-{name}",
                         report_memory=True) as link:

@@ -17,13 +17,16 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_app import simulated_threats as threats
-from strategies.base import local_training_kwargs
 from strategies.registry import Entry, check_run
 from strategies.secagg import secure_aggregation_mod
 from task import Task
 from task.adapters import (
     client_dir,
+    get_adapter_state,
+    get_full_state,
     node_state_dir,
+    personalized_adapter_dir,
+    save_adapter,
     set_adapter_state,
     set_full_state,
     shared_full_model,
@@ -34,6 +37,7 @@ from task.config import RunConfig
 from task.lora_ops import client_rank
 from task.memory import release_freed_memory
 from task.node import NodeConfig, node_data
+from task.personalization import personalize
 
 app = ClientApp()
 
@@ -130,10 +134,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The task's metric on this client's local test data, of the global model and of its
     personal one.
 
-    With ``personalize`` in the config (the final phase), the personal model is the final global
-    model fine-tuned for one local epoch (capped by train.max-steps), the paper's
-    personalization protocol; strategies with a personal model of their own (capability
-    personal_model: ditto, fedper, local-only, fedsa-lora) start from that one instead.
+    In rounds: the personal model is the strategy's own (capability personal_model: ditto,
+    fedper, local-only, fedsa-lora), as current as the client's last training; the others have
+    none (their last local adapter is not what a client would use, so it is not reported).
+    With ``personalize`` in the config (the final phase): the personalization protocol
+    (task/personalization.py) from the final global model (or the strategy's own personal
+    model), its result saved in peft format in the client's folder (personalized-adapter).
     """
     config = msg.content["config"]
     if config.get("personalize") and str(context.node_config.get("partition-id", -1)) not in \
@@ -144,26 +150,32 @@ def evaluate(msg: Message, context: Context) -> Message:
     full = client.strategy.caps.full_model
     model = shared_full_model(cfg) if full else shared_lora_model(cfg)
     load = set_full_state if full else set_adapter_state
-    evaluate_model = task.evaluator(cfg, client.test_data, seed=cfg.seed + pid, server=False)
+    evaluate_model = task.evaluator(cfg, client.test_data, seed=cfg.seed + pid, scope="client")
 
     with client.state():
         global_state, personal_state = client.strategy.module.client_eval_states(
             cfg, client.received, pid)
+        if not client.strategy.caps.personal_model:
+            personal_state = None
         load(model, global_state)
         global_stats = evaluate_model(model)
-        personal_stats = None
+        personal_stats, protocol = None, {}
         if config.get("personalize"):
-            own = client.strategy.caps.personal_model and personal_state is not None
-            load(model, personal_state if own else global_state)
-            budget = local_training_kwargs(cfg, cfg.seed + pid, full_model=full)
-            task.train(model, client.train_data, **{**budget, "epochs": 1})
-            personal_stats = evaluate_model(model)
+            chosen = personalize(task, cfg, model, global_state=global_state,
+                                 start_state=personal_state, load=load,
+                                 snapshot=get_full_state if full else get_adapter_state,
+                                 train_data=client.train_data, seed=cfg.seed + pid,
+                                 full_model=full)
+            personal_stats, protocol = evaluate_model(model), chosen.metrics()
+            if not full:  # a full model is the backbone's size: not kept per client
+                save_adapter(model, personalized_adapter_dir(cfg, pid), chosen.state)
         elif personal_state is not None:
             load(model, personal_state)
             personal_stats = evaluate_model(model)
 
     metrics = {"num-examples": global_stats[task.caps.count], "partition-id": pid,
                **{f"global-{k}": v for k, v in global_stats.items()},
-               **{f"personal-{k}": v for k, v in (personal_stats or {}).items()}}
+               **{f"personal-{k}": v for k, v in (personal_stats or {}).items()},
+               **{f"protocol-{k}": v for k, v in protocol.items()}}
     release_freed_memory()  # evaluation ends a round: the process now waits
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

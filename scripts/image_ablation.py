@@ -53,7 +53,7 @@ def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
     samples = [sorted(rng.choice(args.num_clients, per_round, replace=False).tolist())
                for _ in range(args.rounds)]
     model = shared_lora_model(cfg)
-    evaluate = task.evaluator(cfg, task.global_test_data(cfg), seed=cfg.seed, server=True)
+    evaluate = task.evaluator(cfg, task.global_test_data(cfg), seed=cfg.seed, scope="whole")
     fid = lambda m: score(task, evaluate(m))  # noqa: E731
     t0 = time.time()
     scores = [fid(model)]

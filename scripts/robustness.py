@@ -32,7 +32,7 @@ from simulate import ROOT, LocalSuperLink  # noqa: E402
 BASE = {"num-server-rounds": 2, "strategy.fraction-train": 1.0, "strategy.fraction-evaluate": 0.3,
         "server.evaluate-every": 3, "server.checkpoint-every": 1, "server.personalize-clients": 0, "train.max-steps": 2,
         "train.batch-size": 4, "train.seq-len": 32, "train.learning-rate": 0.03, "data.chunk-words": 400,
-        "eval.server-max-batches": 4, "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
+        "eval.server-round-tokens": 2048, "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
 NUM_SUPERNODES = 10
 
 

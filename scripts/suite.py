@@ -28,6 +28,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from simulate import LocalSuperLink  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from task.results import plot_gains  # noqa: E402
+
 METHODS = ["centralized-full", "centralized-lora", "fedavg-lora", "ditto", "fedper", "fedavg-full",
            "fedprox", "fedadam", "local-only"]
 # Exact and heterogeneous-rank LoRA aggregation (issue 8); with --rank-mix, each of HET_METHODS
@@ -47,25 +50,25 @@ SIZES = {
                      "model.name": "tiny-gpt2", "num-server-rounds": 2, "strategy.fraction-train": 0.5,
                      "strategy.fraction-evaluate": 0.5, "server.evaluate-every": 2, "train.max-steps": 2,
                      "train.seq-len": 32, "data.chunk-words": 400, "train.learning-rate": 0.01,
-                     "eval.server-max-batches": 2, "server.personalize-clients": 3}),
+                     "eval.server-round-tokens": 512, "server.personalize-clients": 3}),
     "quick": dict(clients=15, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=1, config={
                       "num-server-rounds": 3, "strategy.fraction-train": 0.2, "strategy.fraction-evaluate": 0.2,
                       "server.evaluate-every": 3, "train.max-steps": 2, "train.seq-len": 32,
-                      "eval.server-max-batches": 4, "eval.client-max-batches": 2,
+                      "eval.server-round-tokens": 4096,
                       "server.personalize-clients": 5}),
     # The aggregation comparison on SmolLM2 when the machine is shared: 6 clients, 3 per round,
     # 2 rounds (the fewest that show flora's downlink growth), no ablations.
     "compact": dict(clients=6, methods=AGGREGATION_METHODS[:5], ranks=[], epochs=[],
                     steps_per_epoch=1, config={
                         "num-server-rounds": 2, "strategy.fraction-train": 0.5, "strategy.fraction-evaluate": 0.5,
-                        "server.evaluate-every": 2, "train.max-steps": 2, "train.seq-len": 32, "eval.server-max-batches": 2,
-                        "eval.client-max-batches": 1, "server.personalize-clients": 3}),
+                        "server.evaluate-every": 2, "train.max-steps": 2, "train.seq-len": 32, "eval.server-round-tokens": 512,
+                        "server.personalize-clients": 3}),
     "paper": dict(clients=100, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=0, config={
                       "num-server-rounds": 100, "strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.1,
                       "server.evaluate-every": 10, "train.max-steps": 0, "train.local-epochs": 5, "train.batch-size": 32,
-                      "train.seq-len": 128, "eval.server-max-batches": 1000, "eval.client-max-batches": 1000,
+                      "train.seq-len": 128, "eval.server-round-tokens": 0,
                       "server.personalize-clients": 100}),
 }
 
@@ -170,20 +173,28 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
              f"`{base['partitioner']}`, {base['num_clients']} clients, "
              f"{base['clients_per_round']} per round, {base['num_rounds']} rounds, "
              f"max-steps {cfg['train.max-steps']} x batch {cfg['train.batch-size']} x seq-len {cfg['train.seq-len']} "
-             f"per client and round. Perplexity is token-weighted; the global test is the first "
-             f"{cfg['eval.server-max-batches']} batches of the server's held-out set; local perplexities "
-             f"come from the personalization protocol ({base['final'].get('protocol_clients')} "
-             "sampled clients fine-tune the final model one local epoch, capped by max-steps). "
+             f"per client and round. Perplexity is per token (word-level in the protocol columns: "
+             f"the same NLL over the PTB words and line ends); the global figure is the whole global "
+             f"test set ({base['final'].get('global_test_tokens', 0):,} tokens, "
+             f"{base['final'].get('global_test_words', 0):,} words) after the last round, the curve a "
+             f"fixed subset of {base.get('round_eval_tokens', 0):,} tokens; local perplexities come from "
+             f"the personalization protocol ({base['final'].get('protocol_clients')} sampled clients, "
+             "their whole local tests: one full epoch from the final model at the protocol's learning "
+             "rate, the step count chosen on a validation share of their training data). "
              "Upload bytes are exact serialized model payloads.", "",
              "## Results", "",
-             "| method | global ppl | local ppl (global model) | local ppl (personalized) | "
+             "| method | global ppl | global word ppl | local ppl (global model) | local ppl (personalized) | "
+             "local word ppl (global / personalized) | clients improved | Wilcoxon p | "
              f"uploaded (total) | rounds to ppl <= {target} |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in methods:
         r = runs[m]
         f = r["final"]
-        lines.append(f"| {m} | {_fmt(f['global_ppl'])} | {_fmt(f.get('protocol_global_ppl'))} | "
-                     f"{_fmt(f.get('protocol_personalized_ppl'))} | {_mb(f['upload_bytes_total'])} | "
+        lines.append(f"| {m} | {_fmt(f['global_ppl'])} | {_fmt(f.get('global_word_ppl'))} | "
+                     f"{_fmt(f.get('protocol_global_ppl'))} | {_fmt(f.get('protocol_personalized_ppl'))} | "
+                     f"{_fmt(f.get('protocol_global_word_ppl'))} / {_fmt(f.get('protocol_personalized_word_ppl'))} | "
+                     f"{_fmt(100 * f['protocol_improved_share'] if f.get('protocol_improved_share') is not None else None, 0)}% | "
+                     f"{_fmt(f.get('protocol_wilcoxon_p'), 4)} | {_mb(f['upload_bytes_total'])} | "
                      f"{_rounds_to(r, target)} |")
     lines += ["", "Paper (PTB, distilgpt2, 500 rounds), for the ordering only: " + ", ".join(
         f"{k} {v}" for k, v in PAPER_PTB.items()) + "; personalized 81.3 vs global-on-local 92.5.",
@@ -214,28 +225,33 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
         per = {c["partition_id"]: c for c in runs["fedavg-lora"].get("personalization", [])}
         local = {c["partition_id"]: c for c in runs.get("local-only", {}).get("personalization", [])} \
             if "local-only" in runs else {}
-        lines += ["| client | global | personalized | local-only |", "| --- | --- | --- | --- |"]
-        gains = []
+        lines += ["| client | global | personalized | steps kept / of | local-only |",
+                  "| --- | --- | --- | --- | --- |"]
         for pid in sorted(per):
             c = per[pid]
             personal = c["personal_ppl"] if c["personal_ppl"] != "" else None
             lo = local.get(pid, {}).get("personal_ppl")
             lines.append(f"| {pid} | {_fmt(c['global_ppl'])} | {_fmt(personal)} | "
+                         f"{c.get('chosen_steps', 'n/a')} / {c.get('total_steps', 'n/a')} | "
                          f"{_fmt(lo if lo != '' else None)} |")
-            if personal:
-                gains.append(c["global_ppl"] - personal)
         f = runs["fedavg-lora"]["final"]
-        lines += ["", f"Mean over these clients (token-weighted): global {_fmt(f.get('protocol_global_ppl'))}, "
+        lines += ["", f"Over these clients (summed NLL over their tokens): global {_fmt(f.get('protocol_global_ppl'))}, "
                   f"personalized {_fmt(f.get('protocol_personalized_ppl'))}"
                   + (f", local-only {_fmt(runs['local-only']['final'].get('protocol_personalized_ppl'))}"
-                     if "local-only" in runs else "") + ".", "", "![gains](personalization.png)", ""]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.hist(gains, bins=max(3, len(gains)))
-        ax.set(xlabel="perplexity gain (global - personalized)", ylabel="clients",
-               title="fedavg-lora: per-client personalization gain")
-        fig.tight_layout()
-        fig.savefig(out / "personalization.png", dpi=100)
-        plt.close(fig)
+                     if "local-only" in runs else "") + ".", ""]
+    # the distribution of per-client gains (1 - personalized / global), every method with a protocol
+    gains = {m: runs[m]["personalization_stats"]["gains"] for m in methods
+             if (runs[m].get("personalization_stats") or {}).get("clients")}
+    if gains:
+        lines += ["| method | clients | improved | mean gain | median gain | Wilcoxon p |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for m in gains:
+            st = runs[m]["personalization_stats"]
+            lines.append(f"| {m} | {st['clients']} | {_fmt(100 * st['improved_share'], 0)}% | "
+                         f"{_fmt(100 * st['mean_gain'])}% | {_fmt(100 * st['median_gain'])}% | "
+                         f"{_fmt(st['wilcoxon_p'], 4)} |")
+        lines += ["", "![gains](personalization.png)", ""]
+        plot_gains(gains, out / "personalization.png", "perplexity")
 
     lines += aggregation_section(runs, methods)
 

@@ -22,8 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 from strategies.centralized import train_centralized
 from strategies.records import log, split_replies
 from strategies.registry import build_strategy, check_run
-from task import client_row, score, summarize_client_evals
+from task import client_row, summarize_client_evals
 from task.adapters import (
+    get_adapter_state,
+    get_full_state,
     save_adapter,
     set_adapter_state,
     set_full_state,
@@ -35,6 +37,7 @@ from task.config import RunConfig, point_latest_at
 from task.memory import release_freed_memory
 from task.precision import precision_record
 from task.privacy import PrivacyAccountant
+from task.personalization import personalize
 from task.progress import Progress
 from task.results import RunRecorder, released_rounds, restore_rounds, resume_point, robustness_summary
 
@@ -67,7 +70,8 @@ def main(grid: Grid, context: Context) -> None:
     model = shared_full_model(cfg) if full else lora_model
     load = set_full_state if full else set_adapter_state
     test_data = task.global_test_data(cfg)
-    evaluate = task.evaluator(cfg, test_data, seed=cfg.seed, server=True)
+    evaluate_round = task.evaluator(cfg, test_data, seed=cfg.seed, scope="round")  # the curve
+    evaluate_whole = task.evaluator(cfg, test_data, seed=cfg.seed, scope="whole")  # round 0, final
     adapter_params, backbone_params = task.parameter_counts(lora_model)
 
     initial_state, start_round = entry.module.server_initial_state(cfg), 0
@@ -91,7 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         "trained_params": backbone_params if full else adapter_params,
         "metric": m, **task.header(cfg, test_data), **prepared, "precision": precision,
         "config": cfg.flat(),
-    }, metric=m, metric_label=task.caps.metric_label)
+    }, figures=task.caps.figures, counts=task.caps.counts, metric_label=task.caps.metric_label)
     if resumed is not None:
         restore_rounds(recorder, out, start_round)
         recorder.results["resumed_after_round"] = start_round
@@ -102,11 +106,16 @@ def main(grid: Grid, context: Context) -> None:
         state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
         global_state = entry.module.server_global_state(cfg, state)
         load(model, global_state)
-        value = score(task, evaluate(model))
+        figures = task.figures([_prefixed(evaluate_round(model))], "global")
+        value = figures[m]
+        whole = {}
+        if server_round in (0, cfg.num_server_rounds):  # the figures results.json reports
+            whole = {f"whole_{k}": v
+                     for k, v in task.figures([_prefixed(evaluate_whole(model))], "global").items()}
         stats = strategy.round_stats.get(server_round, {}) if strategy else {}
         client_rows = strategy.client_evals.get(server_round, []) if strategy else []
         now = time.time()
-        row = {"round": server_round, f"global_{m}": value,
+        row = {"round": server_round, **{f"global_{k}": v for k, v in figures.items()}, **whole,
                "train_loss": stats.get("train_loss", math.nan),
                "upload_bytes": stats.get("upload_bytes", 0),
                "download_bytes": stats.get("download_bytes", 0),
@@ -131,12 +140,17 @@ def main(grid: Grid, context: Context) -> None:
         log.info("round %d/%d: global %s %.2f, train loss %.3f, up %d B, down %d B, %.1fs",
                  server_round, cfg.num_server_rounds, m, value, row["train_loss"],
                  row["upload_bytes"], row["download_bytes"], row["wall_s"])
+        if whole:
+            log.info("round %d: global %s %.2f on the whole global test set (%s)", server_round,
+                     m, whole[f"whole_{m}"], ", ".join(f"{k[6:]} {v:,}" for k, v in whole.items()
+                                                       if isinstance(v, int)))
         return MetricRecord({f"global-{m}": value})
 
     if entry.server is None:  # centralized upper bound: no federation
         evaluate_global(0, entry.module.server_initial_state(cfg))
         final_state = train_centralized(cfg, num_clients, clients_per_round, evaluate_global)
-        personal_rows = _centralized_local_eval(cfg, task, model, load, final_state, num_clients)
+        personal_rows = _centralized_personalize(cfg, task, model, load, final_state, num_clients,
+                                                 full)
     else:
         privacy = None
         if cfg.dp.enabled:  # epsilon per released round; a resume accounts the rounds before it
@@ -163,18 +177,27 @@ def main(grid: Grid, context: Context) -> None:
                      entry.module.server_global_state(cfg, final_state))
     rounds = recorder.results["rounds"]
     last_fed = next((r for r in reversed(rounds) if _finite(r.get(f"local_global_{m}"))), {})
+    first, last = rounds[0], rounds[-1]
     protocol = summarize_client_evals(task, personal_rows)
-    recorder.add_personalization([client_row(task, r) for r in personal_rows])
+    gains = recorder.add_personalization([client_row(task, r) for r in personal_rows])
     recorder.finish({
-        f"global_{m}": rounds[-1][f"global_{m}"],
-        f"initial_global_{m}": rounds[0][f"global_{m}"],
-        f"local_global_{m}": last_fed.get(f"local_global_{m}", math.nan),
-        f"personalized_{m}": last_fed.get(f"personalized_{m}", math.nan),
-        f"personalized_global_{m}": last_fed.get(f"personalized_global_{m}", math.nan),
-        # the personalization protocol: the final model fine-tuned one local epoch per client
-        f"protocol_global_{m}": protocol[f"local_global_{m}"],
-        f"protocol_personalized_{m}": protocol[f"personalized_{m}"],
+        # the whole global test set (the curve's rounds in between: a subset, round_eval_tokens)
+        **{f"global_{k}": last.get(f"whole_{k}", math.nan) for k in task.caps.figures},
+        **{f"initial_global_{k}": first.get(f"whole_{k}", math.nan) for k in task.caps.figures},
+        **{f"global_test_{k}": last.get(f"whole_{k}", 0) for k in task.caps.counts},
+        f"round_global_{m}": last[f"global_{m}"],
+        # the last in-round client evaluation (own personal models only: capability personal_model)
+        **{f"{prefix}_{k}": last_fed.get(f"{prefix}_{k}", math.nan)
+           for prefix in ("local_global", "personalized", "personalized_global")
+           for k in task.caps.figures},
+        # the personalization protocol (task/personalization.py) on the same clients' local tests
+        **{f"protocol_global_{k}": protocol[f"local_global_{k}"] for k in task.caps.figures},
+        **{f"protocol_personalized_{k}": protocol[f"personalized_{k}"] for k in task.caps.figures},
+        **{f"protocol_{k}": protocol[f"local_global_{k}"] for k in task.caps.counts},
         "protocol_clients": protocol["eval_clients"],
+        "protocol_improved_share": gains["improved_share"],
+        "protocol_mean_gain": gains["mean_gain"], "protocol_median_gain": gains["median_gain"],
+        "protocol_wilcoxon_p": gains["wilcoxon_p"],
         "upload_bytes_total": sum(r["upload_bytes"] for r in rounds),
         "download_bytes_total": sum(r["download_bytes"] for r in rounds),
         "wall_s": round(time.time() - t0, 1),
@@ -216,8 +239,9 @@ def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
 
 
 def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
-    """Paper 4.4.3: the sampled clients fine-tune the final model one local epoch and report the
-    local-test metric of the global and of the personalized model. Every node gets the
+    """Paper 4.4.3, made safe: the sampled clients run the personalization protocol
+    (task/personalization.py) from the final model and report the local-test figures of the
+    global and of the personalized model, and what the protocol chose. Every node gets the
     message; only the chosen partitions do the work (the others answer at once)."""
     if not cfg.server.personalize_clients:
         return []
@@ -226,7 +250,7 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
     record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({
         "personalize": True, "personalize-partitions": ",".join(map(str, chosen)),
         "server-round": 0})})
-    log.info("personalization: clients %s fine-tune the final model", chosen)
+    log.info("personalization: clients %s run the protocol from the final model", chosen)
     replies = _send_and_receive_with_progress(
         grid, [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes],
         cfg.server.round_timeout, Progress("personalization", len(chosen), "clients"))
@@ -254,16 +278,29 @@ def _send_and_receive_with_progress(grid: Grid, messages: list[Message], timeout
     return replies
 
 
-def _centralized_local_eval(cfg: RunConfig, task, model, load, state, num_clients: int) -> list[dict]:
-    """The pooled model on the local test sets of the clients the protocol would sample (no
-    personal model: it is the same model everywhere)."""
-    load(model, state)
+def _centralized_personalize(cfg: RunConfig, task, model, load, state, num_clients: int,
+                             full: bool) -> list[dict]:
+    """The pooled model under the same personalization protocol, on the data of the clients the
+    protocol would sample (run here: a centralized baseline has no clients to ask)."""
     rows = []
     for pid in personalization_partitions(cfg, num_clients):
-        _, test = task.client_data(cfg, pid, num_clients)
-        stats = task.evaluator(cfg, test, seed=cfg.seed + pid, server=False)(model)
-        rows.append({"partition-id": pid, **{f"global-{k}": v for k, v in stats.items()}})
+        train_data, test = task.client_data(cfg, pid, num_clients)
+        evaluate_model = task.evaluator(cfg, test, seed=cfg.seed + pid, scope="client")
+        load(model, state)
+        global_stats = evaluate_model(model)
+        chosen = personalize(task, cfg, model, global_state=state, start_state=None, load=load,
+                             snapshot=get_full_state if full else get_adapter_state,
+                             train_data=train_data, seed=cfg.seed + pid, full_model=full)
+        rows.append({"partition-id": pid, "num-examples": global_stats[task.caps.count],
+                     **{f"global-{k}": v for k, v in global_stats.items()},
+                     **{f"personal-{k}": v for k, v in evaluate_model(model).items()},
+                     **{f"protocol-{k}": v for k, v in chosen.metrics().items()}})
     return rows
+
+
+def _prefixed(stats: dict, which: str = "global") -> dict:
+    """An evaluator's result as a client-reply row (``global-nll``, ...) for task.figures."""
+    return {f"{which}-{k}": v for k, v in stats.items()}
 
 
 def _write_state(out, server_round: int, recorder: RunRecorder) -> None:

@@ -29,6 +29,8 @@ class TaskCapabilities:
     metric: str                      # "ppl" | "fid": result fields global_<metric>, ...
     metric_label: str                # axis label of the plot
     count: str                       # what a client evaluation counts: "tokens" | "images"
+    figures: tuple[str, ...]         # what figures(...) reports, the metric first ("ppl", "word_ppl")
+    counts: tuple[str, ...]          # the counts it reports them over ("tokens", "words")
     datasets: tuple[str, ...]
     partitioners: tuple[str, ...]
     linear_lora: bool                # adapters are B @ A of linear layers (exact / rank-aware LoRA)
@@ -63,8 +65,11 @@ class Task(Protocol):
               weight_decay: float = 0.0, max_steps: int = 0, seed: int = 0,
               penalty: Callable | None = None, after_step: Callable | None = None,
               precision: str | None = None) -> float: ...  # None: the model's own
-    def evaluator(self, cfg, data, *, seed: int, server: bool) -> Callable[[Any], dict]: ...
-    def summarize(self, rows: list[dict], which: str) -> float: ...
+    # scope: "round" (the server's per-round curve), "whole" (round 0 and the final round),
+    # "client" (a local test set), "validation" (a personalization validation share)
+    def evaluator(self, cfg, data, *, seed: int, scope: str) -> Callable[[Any], dict]: ...
+    def summarize(self, rows: list[dict], which: str) -> float: ...  # the metric of the rows
+    def figures(self, rows: list[dict], which: str) -> dict: ...  # every figure, with counts
     def client_state(self, cfg, client_dir) -> ContextManager: ...
 
     # -- results
@@ -88,21 +93,33 @@ def score(task: Task, stats: dict) -> float:
 
 def summarize_client_evals(task: Task, rows: list[dict]) -> dict:
     """Client evaluation replies -> the global model on every evaluated client's local test
-    (``local_global_<m>``), and personal vs global on the clients that hold a personal model
-    (``personalized_<m>`` / ``personalized_global_<m>``: same clients, same test data)."""
-    m, count = task.caps.metric, task.caps.count
+    (``local_global_<figure>``), and personal vs global on the clients that hold a personal
+    model (``personalized_<figure>`` / ``personalized_global_<figure>``: same clients, same
+    test data), each figure with its counts (``..._tokens``, ``..._words``)."""
+    count = task.caps.count
     personal = [r for r in rows if r.get(f"personal-{count}", 0) > 0]
-    return {f"local_global_{m}": task.summarize(rows, "global"),
-            f"personalized_{m}": task.summarize(personal, "personal"),
-            f"personalized_global_{m}": task.summarize(personal, "global"),
-            "eval_clients": len(rows), "personalized_clients": len(personal)}
+    out: dict = {}
+    for prefix, which, subset in (("local_global", "global", rows), ("personalized", "personal", personal),
+                                  ("personalized_global", "global", personal)):
+        out.update({f"{prefix}_{k}": v for k, v in task.figures(subset, which).items()})
+    return {**out, "eval_clients": len(rows), "personalized_clients": len(personal)}
+
+
+# What the personalization protocol reports per client (client_app/app.py, task/personalization.py)
+PROTOCOL_FIELDS = ("chosen-steps", "total-steps", "kept-global", "validation-blocks")
 
 
 def client_row(task: Task, row: dict) -> dict:
-    """One client's evaluation as a clients.csv row."""
-    m, count = task.caps.metric, task.caps.count
-    has_personal = row.get(f"personal-{count}", 0) > 0
-    return {"partition_id": int(row.get("partition-id", -1)),
-            f"global_{m}": task.summarize([row], "global"),
-            f"personal_{m}": task.summarize([row], "personal") if has_personal else "",
-            count: int(row.get(f"global-{count}", 0))}
+    """One client's evaluation as a clients.csv row: its figures for the global and (when it
+    has one) the personal model, the counts, and what the protocol chose."""
+    has_personal = row.get(f"personal-{task.caps.count}", 0) > 0
+    global_figures = task.figures([row], "global")
+    personal_figures = task.figures([row], "personal") if has_personal else {}
+    out = {"partition_id": int(row.get("partition-id", -1))}
+    for name in task.caps.figures:
+        out[f"global_{name}"] = global_figures[name]
+        out[f"personal_{name}"] = personal_figures.get(name, "")
+    out.update({name: global_figures[name] for name in task.caps.counts})
+    out.update({k.replace("-", "_"): int(row[f"protocol-{k}"]) for k in PROTOCOL_FIELDS
+                if f"protocol-{k}" in row})
+    return out

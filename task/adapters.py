@@ -241,6 +241,12 @@ def personal_adapter_dir(cfg: RunConfig, partition_id: int) -> Path:
     return cfg.output_path / "clients" / f"client-{partition_id:04d}" / "personal-adapter"
 
 
+def personalized_adapter_dir(cfg: RunConfig, partition_id: int) -> Path:
+    """Where the personalization protocol leaves the client's result (peft format), beside the
+    strategy's own personal adapter (which later rounds of a resumed run go on from)."""
+    return client_dir(cfg, partition_id) / "personalized-adapter"
+
+
 def client_dir(cfg: RunConfig, partition_id: int) -> Path:
     """The client's own folder (its personal adapter and any other private state beside it)."""
     return personal_adapter_dir(cfg, partition_id).parent

@@ -127,24 +127,33 @@ class ServerConfig:
     checkpoint_every: int = 3
     round_timeout: float = 3600.0
     min_available_nodes: int = 1
-    personalize_clients: int = 10
+    personalize_clients: int = 20
+    personalize_epochs: int = 1
+    personalize_learning_rate: float = 1e-3
+    personalize_validation_fraction: float = 0.2
+    personalize_checks: int = 8
 
     def validate(self, need: Need) -> None:
-        for key in ("evaluate_every", "checkpoint_every", "min_available_nodes"):
+        for key in ("evaluate_every", "checkpoint_every", "min_available_nodes",
+                    "personalize_epochs", "personalize_checks"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.round_timeout > 0, "round_timeout", "must be > 0")
         need(self.personalize_clients >= 0, "personalize_clients", "must be >= 0")
+        need(self.personalize_learning_rate > 0, "personalize_learning_rate", "must be > 0")
+        need(0.0 < self.personalize_validation_fraction < 1.0, "personalize_validation_fraction",
+             "must be in (0, 1)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """[eval]: how much test data an evaluation reads (text task)."""
-    server_max_batches: int = 4
-    client_max_batches: int = 1
+    """[eval]: how much test data an evaluation reads (text task). Round 0 and the final
+    round always read the whole global test set."""
+    server_round_tokens: int = 16384
+    client_tokens: int = 0
 
     def validate(self, need: Need) -> None:
-        for key in ("server_max_batches", "client_max_batches"):
-            need(getattr(self, key) >= 1, key, "must be >= 1")
+        for key in ("server_round_tokens", "client_tokens"):
+            need(getattr(self, key) >= 0, key, "must be >= 0 (0 = the whole set)")
 
 
 @dataclass(frozen=True)

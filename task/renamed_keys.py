@@ -24,8 +24,11 @@ RENAMED = {
     "evaluate-every": "server.evaluate-every", "checkpoint-every": "server.checkpoint-every",
     "round-timeout": "server.round-timeout", "min-available-nodes": "server.min-available-nodes",
     "personalize-clients": "server.personalize-clients",
-    "eval-max-batches": "eval.server-max-batches",
-    "client-eval-max-batches": "eval.client-max-batches",
+    "eval-max-batches": "eval.server-round-tokens",
+    "client-eval-max-batches": "eval.client-tokens",
+    # 2026-12, issue 15: evaluations are sized in tokens (round 0 and the final round: all)
+    "eval.server-max-batches": "eval.server-round-tokens",
+    "eval.client-max-batches": "eval.client-tokens",
     "upload-compression": "upload.compression", "upload-topk-fraction": "upload.topk-fraction",
     "max-update-norm": "robust.max-update-norm", "aggregation": "robust.aggregation",
     "norm-bound": "robust.norm-bound", "trim-fraction": "robust.trim-fraction",

@@ -7,18 +7,35 @@ import json
 import logging
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from task.adapters import load_adapter_file
 
-ROUND_FIELDS = ["round", "global_ppl", "train_loss", "upload_bytes", "download_bytes", "eval_bytes",
-                "num_updates", "rejected", "failures", "local_global_ppl", "personalized_ppl",
-                "wall_s", "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
+# metrics.csv / clients.csv columns; {f} stands for each of the task's figures (ppl, word_ppl |
+# fid), {c} for each of its counts (tokens, words | images)
+ROUND_FIELDS = ["round", "global_{f}", "whole_{f}", "whole_{c}", "train_loss", "upload_bytes",
+                "download_bytes", "eval_bytes", "num_updates", "rejected", "failures",
+                "local_global_{f}", "personalized_{f}", "personalized_global_{f}", "wall_s",
+                "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
                 "backdoor_target_nll"]
+CLIENT_FIELDS = ["round", "partition_id", "global_{f}", "personal_{f}", "{c}", "chosen_steps",
+                 "total_steps", "kept_global", "validation_blocks"]
 log = logging.getLogger("flwr.fedgen_edge")
-CLIENT_FIELDS = ["round", "partition_id", "global_ppl", "personal_ppl", "tokens"]
+
+
+def _expand(fields: list[str], figures: tuple[str, ...], counts: tuple[str, ...]) -> list[str]:
+    out = []
+    for f in fields:
+        if "{f}" in f:
+            out += [f.replace("{f}", x) for x in figures]
+        elif "{c}" in f:
+            out += [f.replace("{c}", x) for x in counts]
+        else:
+            out.append(f)
+    return out
 
 
 class RunRecorder:
@@ -29,14 +46,13 @@ class RunRecorder:
     # and finish() always draws the final plot.
     plot_every_s = 30.0
 
-    def __init__(self, out_dir: Path, header: dict[str, Any], metric: str = "ppl",
-                 metric_label: str = "perplexity") -> None:
+    def __init__(self, out_dir: Path, header: dict[str, Any], figures: tuple[str, ...] = ("ppl", "word_ppl"),
+                 counts: tuple[str, ...] = ("tokens", "words"), metric_label: str = "perplexity") -> None:
         self.out_dir = out_dir
-        # The quality metric in field names: "ppl" (text) or "fid" (image task).
-        self.metric, self.metric_label = metric, metric_label
-        self.round_fields = [f.replace("_ppl", f"_{metric}") for f in ROUND_FIELDS]
-        self.client_fields = [f.replace("_ppl", f"_{metric}").replace("tokens", "tokens" if metric == "ppl" else "images")
-                              for f in CLIENT_FIELDS]
+        # The task's figures in field names, its metric first: "ppl" (text) or "fid" (images).
+        self.metric, self.metric_label = figures[0], metric_label
+        self.round_fields = _expand(ROUND_FIELDS, figures, counts)
+        self.client_fields = _expand(CLIENT_FIELDS, figures, counts)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.previous = _read_previous(out_dir)  # what a resumed run puts back (restore_rounds)
         self.results: dict[str, Any] = {**header, "rounds": [], "final": {}}
@@ -58,14 +74,24 @@ class RunRecorder:
         if time.monotonic() - self._plotted_at >= self.plot_every_s:
             self.plot()
 
-    def add_personalization(self, client_rows: list[dict[str, Any]]) -> None:
-        """Per-client rows of the final personalization protocol (round "final" in clients.csv)."""
+    def add_personalization(self, client_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Per-client rows of the final personalization protocol (round "final" in
+        clients.csv), their paired statistics (results.json "personalization_stats") and the
+        plot of the distribution of gains (personalization.png); returns the statistics."""
         self.results["personalization"] = list(client_rows)
+        m = self.metric
+        stats = paired_gains([c[f"global_{m}"] for c in client_rows],
+                             [c[f"personal_{m}"] for c in client_rows])
+        self.results["personalization_stats"] = stats
         with open(self.out_dir / "clients.csv", "a", newline="") as f:
             writer = csv.writer(f)
             for c in client_rows:
                 writer.writerow(["final"] + [c.get(k, "") for k in self.client_fields[1:]])
         self._write_json()
+        if stats["clients"]:
+            plot_gains({self.results.get("strategy", ""): stats["gains"]},
+                       self.out_dir / "personalization.png", self.metric_label)
+        return stats
 
     def finish(self, final: dict[str, Any]) -> None:
         self.results["final"] = final
@@ -89,7 +115,12 @@ class RunRecorder:
         x = [r["round"] for r in rounds]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
         m = self.metric
-        ax1.plot(x, [r[f"global_{m}"] for r in rounds], marker="o", label="global (server test)")
+        subset = self.results.get("round_eval_tokens")
+        ax1.plot(x, [r[f"global_{m}"] for r in rounds], marker="o",
+                 label=f"global, {subset:,}-token subset" if subset else "global (server test)")
+        whole = [(r["round"], r[f"whole_{m}"]) for r in rounds if _finite(r.get(f"whole_{m}"))]
+        if whole:
+            ax1.plot(*zip(*whole), marker="D", ls="none", color="black", label="global, whole test set")
         local = [(r["round"], r[f"local_global_{m}"]) for r in rounds
                  if _finite(r.get(f"local_global_{m}"))]
         if local:
@@ -97,7 +128,7 @@ class RunRecorder:
         pers = [(r["round"], r[f"personalized_{m}"]) for r in rounds
                 if _finite(r.get(f"personalized_{m}"))]
         if pers:
-            ax1.plot(*zip(*pers), marker="^", ls=":", label="personalized on client tests")
+            ax1.plot(*zip(*pers), marker="^", ls=":", label="own personal model on client tests")
         ax1.set(xlabel="round", ylabel=self.metric_label, title=f"{self.results.get('backbone')} / "
                 f"{self.results.get('strategy')}")
         ax1.legend()
@@ -111,6 +142,48 @@ class RunRecorder:
         fig.savefig(self.out_dir / ("perplexity.png" if m == "ppl" else f"{m}.png"), dpi=100)
         self._plotted_at = time.monotonic()
         plt.close(fig)
+
+
+def paired_gains(global_values: list[float], personal_values: list[float]) -> dict[str, Any]:
+    """Per-client relative gains of the personal over the global model (1 - personal / global:
+    0.1 = 10% lower perplexity or FID), the share of clients improved, mean and median gain,
+    and the two-sided paired Wilcoxon signed-rank p-value of personal vs global (scipy; None
+    with fewer than 2 clients or when every pair is equal)."""
+    pairs = [(g, p) for g, p in zip(global_values, personal_values) if _finite(g) and _finite(p)]
+    gains = [1.0 - p / g for g, p in pairs]
+    out: dict[str, Any] = {"clients": len(pairs), "gains": gains,
+                           "improved_share": sum(g > 0 for g in gains) / len(gains) if gains else math.nan,
+                           "worse_share": sum(g < 0 for g in gains) / len(gains) if gains else math.nan,
+                           "mean_gain": statistics.fmean(gains) if gains else math.nan,
+                           "median_gain": statistics.median(gains) if gains else math.nan,
+                           "wilcoxon_p": None}
+    if len(pairs) >= 2 and any(g != p for g, p in pairs):
+        from scipy.stats import wilcoxon
+
+        out["wilcoxon_p"] = float(wilcoxon([g for g, _ in pairs], [p for _, p in pairs]).pvalue)
+    return out
+
+
+def plot_gains(gains_by_method: dict[str, list[float]], path: Path, metric_label: str) -> None:
+    """Histogram of per-client personalization gains, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = [100 * g for gains in gains_by_method.values() for g in gains]
+    bins = 20 if len(set(values)) > 1 else 1
+    for method, gains in gains_by_method.items():
+        ax.hist([100 * g for g in gains], bins=bins, range=(min(values), max(values)) if values else None,
+                alpha=0.5, label=f"{method} ({len(gains)} clients)")
+    ax.axvline(0, color="black", lw=1)
+    ax.set(xlabel=f"personalization gain (% lower {metric_label})", ylabel="clients",
+           title="personalized vs global on each client's local test")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _read_previous(out_dir: Path) -> tuple[list[dict], dict[str, list[dict]]]:

@@ -79,8 +79,8 @@ def test_three_supernodes_with_tls_and_auth_run_two_rounds(tmp_path):
     assert results["num_clients"] == 3
     for r in results["rounds"][1:]:
         assert r["num_updates"] == 3 and r["failures"] == 0 and r["rejected"] == 0
-    assert results["final"]["personalized_ppl"] > 0
-    # Each device keeps its personal adapter (peft format) in its own state folder.
+    assert results["final"]["local_global_ppl"] > 0
+    # Each device keeps its last local adapter (peft format) in its own state folder.
     for i in range(3):
         adapters = list((dep.node_dir(i) / "state").glob("run-*/personal-adapter"))
         assert len(adapters) == 1 and (adapters[0] / "adapter_config.json").exists()

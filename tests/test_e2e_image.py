@@ -44,8 +44,9 @@ def test_image_smoke_run_federates_generator_adapters_and_reports_fid(tmp_path):
         # only generator adapters travel: 5 uploads of adapter_params float32, far below the generator
         assert 5 * 4 * results["adapter_params"] < r["upload_bytes"] < 5 * 4 * results["backbone_params"] / 4
     final = results["final"]
-    assert final["local_global_fid"] > 0 and final["personalized_fid"] > 0
+    assert final["local_global_fid"] > 0 and final["global_fid"] == rounds[2]["whole_fid"] > 0
     assert final["protocol_clients"] == 1 and final["protocol_personalized_fid"] > 0
+    assert results["personalization"][0]["total_steps"] > 0
     assert "global_fid" in (out / "metrics.csv").read_text().splitlines()[0]
     assert (out / "fid.png").stat().st_size > 0
     for r in (0, 1, 2):

@@ -192,9 +192,9 @@ def test_client_app_on_own_files_keeps_its_personal_adapter_in_the_state_dir(tin
     context = Context(run_id=5, node_id=1, state=RecordDict(), run_config=run_config,
                       node_config={"data-path": str(folder), "state-dir": str(state_dir)})
 
-    def message(kind: str, arrays) -> Message:
+    def message(kind: str, arrays, **config) -> Message:
         return Message(RecordDict({"arrays": ArrayRecord(arrays),
-                                   "config": ConfigRecord({"server-round": 1})}),
+                                   "config": ConfigRecord({"server-round": 1, **config})}),
                        dst_node_id=1, message_type=kind)
 
     reply = train(message(MessageType.TRAIN, initial_adapter_state(tiny_cfg)), context)
@@ -206,7 +206,17 @@ def test_client_app_on_own_files_keeps_its_personal_adapter_in_the_state_dir(tin
     assert all(torch.equal(saved[k], uploaded[k]) for k in saved)
     assert list((state_dir / "blocks").glob("*.pt"))
 
+    # fedavg-lora has no personal model of its own: in rounds only the global one is reported
     reply = evaluate(message(MessageType.EVALUATE, initial_adapter_state(tiny_cfg)), context)
     metrics = reply.content["metrics"]
-    assert metrics["personal-tokens"] > 0 and metrics["personal-nll"] != metrics["global-nll"]
+    assert metrics["global-tokens"] > 0 and "personal-tokens" not in metrics
+
+    # the personalization protocol: its result is kept in the state dir, in peft format
+    reply = evaluate(message(MessageType.EVALUATE, initial_adapter_state(tiny_cfg), personalize=True,
+                             **{"personalize-partitions": "-1"}), context)
+    metrics = reply.content["metrics"]
+    assert metrics["personal-tokens"] == metrics["global-tokens"] > 0
+    assert metrics["protocol-total-steps"] > 0
+    assert metrics["protocol-validation-chosen"] <= metrics["protocol-validation-global"]
+    assert load_adapter_file(state_dir / "run-5" / "personalized-adapter") is not None
     assert not (tiny_cfg.output_path / "clients").exists(), "nothing personal under output-dir"

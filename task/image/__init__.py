@@ -19,6 +19,7 @@ from task.image import data, model, train
 
 CAPABILITIES = TaskCapabilities(
     metric="fid", metric_label="FID", count="images",
+    figures=("fid",), counts=("images",),
     datasets=("fashion-mnist", "cifar10"), partitioners=("dirichlet", "iid"),
     # LoRA on convolutions: the B @ A products of the exact / rank-aware methods are undefined
     linear_lora=False,
@@ -75,11 +76,12 @@ class ImageGeneration:
             raise ValueError(f"the image task trains in fp32 only, not {precision!r}")
         return train.train_gan_local(peft_model, rows, **kwargs)
 
-    def evaluator(self, cfg, rows, *, seed: int, server: bool):
+    def evaluator(self, cfg, rows, *, seed: int, scope: str):
         """FID of the model's samples (fixed noise, the rows' own labels) against ``rows``:
-        the global test sample (server, image.fid-images) or the client's first client-fid-images
-        local test images (its own classes, in its proportions)."""
-        real = rows if server else rows[:cfg.image.client_fid_images]
+        the global test sample (scope "round" and "whole": image.fid-images) or the first
+        client-fid-images images of a client's local test or validation share (its own
+        classes, in its proportions)."""
+        real = rows if scope in ("round", "whole") else rows[:cfg.image.client_fid_images]
         fid = train.RowsFid(real, data.load_images(cfg).channels, seed)
 
         def evaluate(m) -> dict:
@@ -89,8 +91,12 @@ class ImageGeneration:
 
     def summarize(self, rows: list[dict], which: str) -> float:
         """Image-weighted mean FID of the rows (each client's FID is on its own images)."""
-        n = sum(r[f"{which}-images"] for r in rows)
-        return sum(r[f"{which}-fid"] * r[f"{which}-images"] for r in rows) / n if n else math.nan
+        return self.figures(rows, which)["fid"]
+
+    def figures(self, rows: list[dict], which: str) -> dict:
+        n = int(sum(r[f"{which}-images"] for r in rows))
+        fid = sum(r[f"{which}-fid"] * r[f"{which}-images"] for r in rows) / n if n else math.nan
+        return {"fid": fid, "images": n}
 
     def client_state(self, cfg, client_dir):
         """The client's private discriminator, kept between rounds beside its personal adapter

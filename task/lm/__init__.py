@@ -7,7 +7,11 @@
 - train.py: the local AdamW loop and token-weighted perplexity;
 - backdoor.py: the text backdoor of the robustness experiments; generate.py: inference.
 
-Perplexity here is per token of the backbone's tokenizer (``metric_unit`` in results.json).
+- words.py: the words of token blocks, for word-level perplexity.
+
+``ppl`` is per token of the backbone's tokenizer, ``word_ppl`` per word of the PTB-normalized
+text (the same summed NLL over the word count, words.py); results.json carries both, with the
+token and word counts they are over.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import torch
+
 from task import TaskCapabilities
 from task.adapters import compute_precision, lora_parameter_counts
-from task.lm import backdoor, data, model, train
+from task.lm import backdoor, data, model, train, words
 
 CAPABILITIES = TaskCapabilities(
     metric="ppl", metric_label="perplexity (per token)", count="tokens",
+    figures=("ppl", "word_ppl"), counts=("tokens", "words"),
     datasets=("shakespeare", "ptb"), partitioners=("lda-dirichlet", "iid", "role"),
     linear_lora=True, attacks=("none", "scaled", "sign-flip", "backdoor"),
     precisions=("fp32", "bf16"), own_files=True, gradient_checkpointing=True)
@@ -72,30 +79,52 @@ class LanguageModeling:
     def train(self, peft_model, blocks, **kwargs) -> float:
         return train.train_local(peft_model, blocks, **kwargs)
 
-    def evaluator(self, cfg, blocks, *, seed: int, server: bool):
-        """Summed NLL and tokens over the first eval.server-max-batches (server) or
-        eval.client-max-batches (client) batches: a fixed, comparable subset."""
-        max_batches = cfg.eval.server_max_batches if server else cfg.eval.client_max_batches
+    def evaluator(self, cfg, blocks, *, seed: int, scope: str):
+        """Summed NLL, tokens and words of ``blocks`` as ``scope`` reads them: "whole" (all:
+        round 0 and the final round on the global test), "round" (the per-round curve: a fixed
+        subset of >= eval.server-round-tokens tokens), "client" (>= eval.client-tokens tokens
+        of a local test set; 0 = all), "validation" (all: a personalization validation share)."""
+        limit = {"round": cfg.eval.server_round_tokens, "client": cfg.eval.client_tokens,
+                 "whole": 0, "validation": 0}[scope]
+        blocks = eval_subset(blocks, limit, seed)
+        block_words = words.words_per_block(model.load_tokenizer(cfg), blocks)
         precision = compute_precision(cfg)
 
         def evaluate(m) -> dict:
             result = train.evaluate_nll(m, blocks, batch_size=cfg.train.batch_size,
-                                        max_batches=max_batches, precision=precision)
-            return {"nll": result.nll_sum, "tokens": result.tokens}
+                                        words=block_words, precision=precision)
+            return {"nll": result.nll_sum, "tokens": result.tokens, "words": result.words}
 
         return evaluate
 
     def summarize(self, rows: list[dict], which: str) -> float:
-        tokens = sum(r[f"{which}-tokens"] for r in rows)
-        return math.exp(sum(r[f"{which}-nll"] for r in rows) / tokens) if tokens else math.nan
+        return self.figures(rows, which)["ppl"]
+
+    def figures(self, rows: list[dict], which: str) -> dict:
+        """Token- and word-level perplexity of the summed NLL of ``rows``, with the counts."""
+        nll = sum(r[f"{which}-nll"] for r in rows)
+        tokens = int(sum(r[f"{which}-tokens"] for r in rows))
+        n_words = int(sum(r.get(f"{which}-words", 0) for r in rows))
+        return {"ppl": math.exp(nll / tokens) if tokens else math.nan,
+                "word_ppl": math.exp(nll / n_words) if n_words else math.nan,
+                "tokens": tokens, "words": n_words}
 
     def client_state(self, cfg, client_dir):
         return nullcontext()  # a text client keeps nothing but its personal adapter
 
     # -- results
     def header(self, cfg, test_blocks) -> dict:
-        n_blocks = min(len(test_blocks), cfg.train.batch_size * cfg.eval.server_max_batches)
-        return {"metric_unit": "token", "global_test_tokens": n_blocks * (test_blocks.shape[1] - 1)}
+        tokenizer = model.load_tokenizer(cfg)
+        per_round = eval_subset(test_blocks, cfg.eval.server_round_tokens, cfg.seed)
+        return {"metric_unit": "token (ppl) and word (word_ppl)",
+                "word_unit": "a whitespace-separated word of the PTB-normalized text (<unk> and N "
+                             "included) or a line end (PTB's <eos>); task/lm/words.py",
+                "global_test": "the whole global test set at round 0 and the final round; the "
+                               "per-round curve on a fixed seeded subset of it",
+                "global_test_tokens": test_blocks.numel() - len(test_blocks),
+                "global_test_words": int(words.words_per_block(tokenizer, test_blocks).sum()),
+                "round_eval_tokens": per_round.numel() - len(per_round),
+                "round_eval_words": int(words.words_per_block(tokenizer, per_round).sum())}
 
     def render_samples(self, cfg, peft_model, folder) -> list:
         """A greedy continuation of a fixed prompt, so checkpoints can be read side by side."""
@@ -117,6 +146,16 @@ class LanguageModeling:
 
     def poison_data(self, cfg, blocks, seed: int):
         return backdoor.backdoor_blocks(cfg, blocks, model.load_tokenizer(cfg), seed)
+
+
+def eval_subset(blocks: torch.Tensor, min_tokens: int, seed: int) -> torch.Tensor:
+    """A fixed seeded subset of whole blocks holding >= ``min_tokens`` predicted tokens, in
+    stream order (0, or more than there are: all of them)."""
+    n = math.ceil(min_tokens / (blocks.shape[1] - 1)) if min_tokens else len(blocks)
+    if n >= len(blocks):
+        return blocks
+    chosen = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:n]
+    return blocks[chosen.sort().values]
 
 
 TASK = LanguageModeling()

@@ -16,10 +16,15 @@ from task.precision import autocast, model_precision
 class EvalResult:
     nll_sum: float   # summed next-token negative log-likelihood (nats)
     tokens: int      # number of predicted tokens
+    words: int = 0   # words among them (task/lm/words.py); 0 when not counted
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def word_perplexity(self) -> float:
+        return math.exp(self.nll_sum / self.words) if self.words else float("nan")
 
 
 def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_size: int,
@@ -69,19 +74,18 @@ def train_local(model: nn.Module, blocks: torch.Tensor, *, epochs: int, batch_si
 
 @torch.no_grad()
 def evaluate_nll(model: nn.Module, blocks: torch.Tensor, *, batch_size: int,
-                 max_batches: int = 0, precision: str | None = None) -> EvalResult:
-    """Summed NLL over the first ``max_batches`` batches (0 = all): a fixed, comparable subset,
-    in the precision the model trains in (the loss itself is computed from float32 logits)."""
+                 words: torch.Tensor | None = None, precision: str | None = None) -> EvalResult:
+    """Summed NLL over all ``blocks``, in the precision the model trains in (the loss itself is
+    computed from float32 logits). ``words``: the words among each block's predicted tokens
+    (task/lm/words.py), summed into the result for word-level perplexity."""
     model.eval()
     device = next(model.parameters()).device
     precision = precision or model_precision(model)
     nll, tokens = 0.0, 0
-    for i, start in enumerate(range(0, len(blocks), batch_size)):
-        if max_batches and i >= max_batches:
-            break
+    for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size].to(device)
         n = batch.numel() - batch.shape[0]  # the first token of each block is not predicted
         with autocast(precision, device):
             nll += model(input_ids=batch, labels=batch).loss.item() * n
         tokens += n
-    return EvalResult(nll, tokens)
+    return EvalResult(nll, tokens, int(words.sum()) if words is not None else 0)

@@ -1,0 +1,146 @@
+"""Evaluation that can be trusted and a personalization protocol that cannot silently hurt:
+word- vs token-level perplexity on known counts, the protocol's safety, the paired statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from task import get_task
+from task import adapters as M
+from task.lm import data, words
+from task.lm import model as lm_model
+from task.lm.train import evaluate_nll
+from task.personalization import check_steps, personalize, validation_split
+from task.results import paired_gains
+
+
+@pytest.fixture
+def lora_model(tiny_cfg):
+    return M.add_lora(tiny_cfg, lm_model.load_backbone(tiny_cfg))
+
+
+def test_word_units_count_ptb_words_and_line_ends(tiny_cfg):
+    tokenizer = lm_model.load_tokenizer(tiny_cfg)
+    docs = ["to be or not\nto <unk> N be", "<unk> <unk>\n<unk> thee"]
+    ids = []
+    for encoded in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+        ids += encoded + [tokenizer.eos_token_id]
+    units = words.word_units(tokenizer, torch.tensor(ids))
+    # 8 + 4 words ("<unk>" is one word of three tokens), 2 newlines, 2 document ends
+    assert int(units.sum()) == 8 + 4 + 2 + 2
+    assert len(ids) > int(units.sum())  # "<unk>" is several tokens: fewer words than tokens
+
+
+def test_words_per_block_counts_only_predicted_tokens(tiny_cfg):
+    tokenizer = lm_model.load_tokenizer(tiny_cfg)
+    stream = torch.tensor(tokenizer(" a b c d e f", add_special_tokens=False)["input_ids"])
+    assert len(stream) == 6  # one token per word
+    blocks = stream.view(2, 3)
+    assert words.words_per_block(tokenizer, blocks).tolist() == [2, 2]  # the first of each is not predicted
+
+
+def test_word_and_token_perplexity_share_the_summed_nll(tiny_cfg, lora_model):
+    task = get_task(tiny_cfg)
+    blocks = data.global_test_blocks(tiny_cfg)[:6]
+    stats = task.evaluator(tiny_cfg, blocks, seed=0, scope="whole")(lora_model)
+    direct = evaluate_nll(lora_model, blocks, batch_size=4)
+    assert stats["tokens"] == direct.tokens == 6 * 31
+    assert stats["nll"] == pytest.approx(direct.nll_sum)
+    n_words = int(words.words_per_block(lm_model.load_tokenizer(tiny_cfg), blocks).sum())
+    assert 0 < stats["words"] == n_words < stats["tokens"]
+    figures = task.figures([{f"global-{k}": v for k, v in stats.items()}], "global")
+    assert figures["ppl"] == pytest.approx(math.exp(direct.nll_sum / direct.tokens))
+    assert figures["word_ppl"] == pytest.approx(math.exp(direct.nll_sum / n_words))
+    assert figures["word_ppl"] > figures["ppl"]  # the same NLL over fewer units
+
+
+def test_round_subset_is_fixed_and_holds_enough_tokens(tiny_cfg):
+    from task.lm import eval_subset
+
+    blocks = data.global_test_blocks(tiny_cfg)
+    subset = eval_subset(blocks, 100, seed=3)
+    assert len(subset) == math.ceil(100 / 31) and torch.equal(subset, eval_subset(blocks, 100, seed=3))
+    assert torch.equal(eval_subset(blocks, 0, seed=3), blocks)
+    assert torch.equal(eval_subset(blocks, 10**9, seed=3), blocks)
+
+
+def test_validation_split_and_check_steps():
+    data_rows = torch.arange(10).view(10, 1)
+    fit, val = validation_split(data_rows, 0.2, seed=1)
+    assert len(fit) == 8 and len(val) == 2
+    assert sorted(torch.cat([fit, val]).view(-1).tolist()) == list(range(10))
+    assert torch.equal(val, validation_split(data_rows, 0.2, seed=1)[1])  # seeded
+    assert len(validation_split(data_rows[:1], 0.2, seed=1)[1]) == 0
+    assert check_steps(10, 4) == {3, 5, 8, 10} and check_steps(2, 8) == {1, 2} and check_steps(0, 8) == set()
+
+
+def _protocol(cfg, model, learning_rate):
+    from dataclasses import replace
+
+    cfg = replace(cfg, server=replace(cfg.server, personalize_learning_rate=learning_rate,
+                                      personalize_epochs=2, personalize_checks=4))
+    train = data.client_blocks(cfg, 0, 4)[0][:20]  # 16 to fit (4 steps per epoch), 4 to validate
+    start = M.get_adapter_state(model)
+    chosen = personalize(get_task(cfg), cfg, model, global_state=start, start_state=None,
+                         load=M.set_adapter_state, snapshot=M.get_adapter_state,
+                         train_data=train, seed=7)
+    _, validation = validation_split(train, cfg.server.personalize_validation_fraction, 7)
+    return cfg, chosen, start, validation
+
+
+def test_protocol_fine_tunes_when_it_helps_and_reports_what_it_kept(tiny_cfg, lora_model):
+    cfg, chosen, start, validation = _protocol(tiny_cfg, lora_model, 3e-2)
+    assert chosen.total_steps > 0 and 0 < chosen.chosen_steps <= chosen.total_steps
+    assert not chosen.from_global and chosen.validation_chosen < chosen.validation_global
+    # the model holds the chosen state, and it scores what the protocol says on validation
+    assert all(torch.equal(v, chosen.state[k]) for k, v in M.get_adapter_state(lora_model).items())
+    task = get_task(cfg)
+    again = task.evaluator(cfg, validation, seed=7, scope="validation")(lora_model)
+    assert task.figures([{f"global-{k}": v for k, v in again.items()}], "global")["ppl"] == \
+        pytest.approx(chosen.validation_chosen, rel=1e-9)
+
+
+def test_protocol_never_returns_worse_than_global_on_validation(tiny_cfg, lora_model):
+    from dataclasses import replace
+
+    from task.lm.train import train_local
+
+    # A global adapter that has learnt the client's kind of text, then a learning rate that
+    # wrecks it: every fine-tuned candidate is worse, so the global one is kept.
+    train_local(lora_model, data.client_blocks(tiny_cfg, 1, 4)[0][:32], epochs=5, batch_size=4,
+                lr=3e-2, seed=0)
+    cfg, chosen, start, validation = _protocol(tiny_cfg, lora_model, 50.0)
+    assert chosen.from_global and chosen.chosen_steps == 0
+    assert chosen.validation_chosen == chosen.validation_global
+    assert all(torch.equal(v, start[k]) for k, v in M.get_adapter_state(lora_model).items())
+
+    # A strategy's own personal model that is worse than the global one is not kept either.
+    cfg = replace(tiny_cfg, server=replace(tiny_cfg.server, personalize_learning_rate=50.0))
+    broken = {k: v + 5.0 for k, v in start.items()}
+    chosen = personalize(get_task(cfg), cfg, lora_model, global_state=start, start_state=broken,
+                         load=M.set_adapter_state, snapshot=M.get_adapter_state,
+                         train_data=data.client_blocks(cfg, 0, 4)[0][:20], seed=7)
+    assert chosen.from_global and chosen.chosen_steps == 0
+
+
+def test_paired_gains_on_a_constructed_case():
+    from scipy.stats import wilcoxon
+
+    g = [float(v) for v in range(100, 120)]
+    p = [v * 0.9 for v in g]  # every client 10% better
+    stats = paired_gains(g, p)
+    assert stats["clients"] == 20 and stats["improved_share"] == 1.0 and stats["worse_share"] == 0.0
+    assert stats["mean_gain"] == pytest.approx(0.1) and stats["median_gain"] == pytest.approx(0.1)
+    # all 20 differences of one sign: the exact two-sided p is 2 / 2**20
+    assert stats["wilcoxon_p"] == pytest.approx(2 / 2**20)
+
+    g, p = [10.0, 10.0, 10.0, 10.0], [9.0, 9.5, 11.0, 10.0]  # gains 10%, 5%, -10%, 0
+    stats = paired_gains(g, p)
+    assert stats["improved_share"] == 0.5 and stats["worse_share"] == 0.25
+    assert stats["mean_gain"] == pytest.approx(0.0125) and stats["median_gain"] == pytest.approx(0.025)
+    assert stats["wilcoxon_p"] == pytest.approx(wilcoxon(g, p).pvalue)
+    assert paired_gains([10.0], [9.0])["wilcoxon_p"] is None  # one pair: no test
+    assert paired_gains([10.0, float("nan")], [9.0, 1.0])["clients"] == 1
