@@ -131,20 +131,30 @@ def _scalars(record, what: str) -> dict:
     return values
 
 
-def forwarded(kind: str, msg: Message, context: Context, socket_path: str) -> Message:
-    """Handle ``msg`` in the device worker on ``socket_path``; its answer as the reply."""
+def worker_request(kind: str, msg: Message, context: Context) -> tuple[dict, dict | None]:
+    """What the worker needs of a message: (request, its arrays as numpy; None: no ArrayRecord)."""
     received = msg.content.array_records.get("arrays")
     config = msg.content.config_records.get("config")
     request = {"type": kind, "run-id": context.run_id, "node-id": context.node_id,
                "run-config": dict(context.run_config), "node-config": dict(context.node_config),
                "config": None if config is None else _scalars(config, "config record")}
-    arrays = None if received is None else {k: a.numpy() for k, a in received.items()}
-    with WorkerConnection(socket_path) as worker:
-        reply, reply_arrays = worker.call(request, arrays)
+    return request, None if received is None else {k: a.numpy() for k, a in received.items()}
+
+
+def reply_message(reply: dict, reply_arrays: dict | None, msg: Message) -> Message:
+    """The ClientApp's reply to ``msg`` from the worker's answer."""
     content = RecordDict({"metrics": MetricRecord(reply["metrics"])})
     if reply_arrays is not None:
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in reply_arrays.items()})
     return Message(content, reply_to=msg)
+
+
+def forwarded(kind: str, msg: Message, context: Context, socket_path: str) -> Message:
+    """Handle ``msg`` in the device worker on ``socket_path``; its answer as the reply."""
+    request, arrays = worker_request(kind, msg, context)
+    with WorkerConnection(socket_path) as worker:
+        reply, reply_arrays = worker.call(request, arrays)
+    return reply_message(reply, reply_arrays, msg)
 
 
 def _dispatch(kind: str, msg: Message, context: Context) -> Message:
