@@ -322,6 +322,28 @@ def test_a_worker_that_dies_mid_request_is_a_clear_error(tmp_path):
         listener.close()
 
 
+def test_a_worker_of_another_protocol_version_is_named_stale(tmp_path):
+    """Here the 'worker' is a bare listener that answers the hello in version + 1."""
+    listener = open_listener(tmp_path / SOCKET_NAME)
+
+    def answer_in_a_newer_version():
+        conn, _ = listener.accept()
+        with conn:
+            read_frame(conn, 2**20)
+            conn.sendall(_frame({"type": "hello", "code": code_fingerprint()},
+                                version=PROTOCOL_VERSION + 1))
+
+    thread = threading.Thread(target=answer_in_a_newer_version, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(DeviceWorkerError, match=f"speaks protocol version {PROTOCOL_VERSION + 1}"
+                                                    ".*restart fedgen-device"):
+            WorkerConnection(str(tmp_path / SOCKET_NAME))
+    finally:
+        thread.join(timeout=10)
+        listener.close()
+
+
 # --------------------------------------------------------------------------- the socket
 def test_the_socket_is_mode_0600_in_a_folder_others_cannot_write(worker, tmp_path):
     mode = worker.socket.lstat().st_mode
