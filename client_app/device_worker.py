@@ -17,12 +17,15 @@ Context rebuilt from the request. A malformed, oversized or other-version reques
 reply, a handler exception an error reply (the ClientApp raises it: Flower counts the node as
 failed for that message and the round goes on); a peer that disconnects or stalls mid-request
 only ends its own connection. The personal adapter and other client state live in the node
-config's ``state-dir``, as without the worker. SIGTERM / Ctrl-C: stop and remove the socket.
+config's ``state-dir``, as without the worker. The first request of a new run frees the models
+earlier runs loaded (one run's backbone resident, not one per config ever served). SIGTERM /
+Ctrl-C: stop and remove the socket.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -122,6 +125,19 @@ def handle(request: dict, arrays) -> tuple[dict, dict | None]:
             None if upload is None else {k: a.numpy() for k, a in upload.items()})
 
 
+def drop_models_of_earlier_runs(run_id: int) -> None:
+    """Before a new run's first request: free the backbones earlier runs loaded (a worker
+    lives for many runs; a small device has room for one)."""
+    # deferred: torch/peft, imported once at start-up (import_handlers)
+    from task.adapters import drop_shared_models
+    from task.memory import release_freed_memory
+
+    dropped = drop_shared_models()
+    gc.collect()
+    release_freed_memory()
+    log.info("run %d: dropped %d model(s) of earlier runs", run_id, dropped)
+
+
 def import_handlers() -> None:
     """Pay the heavy imports once, before accepting the first connection."""
     # deferred: torch/transformers/peft (about 6 s), only in the worker process
@@ -139,6 +155,7 @@ class DeviceWorker:
         self.code = code_fingerprint()
         self.listener = open_listener(self.socket_path)
         self._inode = self.socket_path.stat().st_ino
+        self._run_id: int | None = None  # of the last request served
 
     def serve_forever(self) -> None:
         log.info("device worker (pid %d, protocol %d, code %s) listening on %s", os.getpid(),
@@ -199,6 +216,9 @@ class DeviceWorker:
                                  f"{'before hello' if not greeted else 'is not a request'}")
                 return
             conn.settimeout(None)  # the ClientApp waits for the handler, however long it takes
+            if self._run_id is not None and request["run-id"] != self._run_id:
+                drop_models_of_earlier_runs(request["run-id"])
+            self._run_id = request["run-id"]
             try:
                 reply, reply_arrays = handle(request, arrays)
                 frame = encode(reply, reply_arrays)

@@ -277,6 +277,20 @@ def test_a_client_app_gone_mid_request_leaves_the_worker_serving(worker, tiny_cf
         assert READ_TIMEOUT_S * 0.9 <= time.time() - t0 < READ_TIMEOUT_S + 60
 
 
+def test_a_new_run_frees_the_models_of_earlier_runs(worker, tiny_cfg, tmp_path):
+    from task.adapters import initial_adapter_state
+
+    initial = {k: v.numpy() for k, v in initial_adapter_state(tiny_cfg).items()}
+    train = {"type": "train", "run-id": 7, "node-id": 1, "run-config": tiny_cfg.flat(),
+             "node-config": {"data-path": str(_text_folder(tmp_path / "data")),
+                             "state-dir": str(tmp_path / "state")}, "config": {"server-round": 1}}
+    with WorkerConnection(str(worker.socket)) as conn:
+        reply, upload = conn.call(train, initial)
+    assert reply["metrics"]["num-examples"] > 0 and set(upload) == set(initial)
+    _assert_serves(worker)  # a query of run 5: run 7's model is dropped
+    assert "run 5: dropped 1 model(s) of earlier runs" in worker.log.read_text()
+
+
 # --------------------------------------------------------------------------- no worker
 def test_no_worker_or_a_killed_worker_is_a_clear_error_naming_the_socket(tmp_path, tiny_cfg,
                                                                          stamped):
