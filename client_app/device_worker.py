@@ -158,7 +158,7 @@ class DeviceWorker:
         self._run_id: int | None = None  # of the last request served
 
     def serve_forever(self) -> None:
-        log.info("device worker (pid %d, protocol %d, code %s) listening on %s", os.getpid(),
+        log.info("device worker (pid %d, protocol %d, code %s) serving on %s", os.getpid(),
                  PROTOCOL_VERSION, self.code, self.socket_path)
         while True:
             conn, _ = self.listener.accept()
@@ -256,12 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-request-bytes and --read-timeout must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # systemd stop: clean up the socket
-    t0 = time.perf_counter()
-    import_handlers()
-    log.info("handlers imported in %.1fs", time.perf_counter() - t0)
-    worker = DeviceWorker(args.socket or args.state_dir / SOCKET_NAME, args.max_request_bytes,
-                          args.read_timeout)
     try:
+        worker = DeviceWorker(args.socket or args.state_dir / SOCKET_NAME, args.max_request_bytes,
+                              args.read_timeout)
+    except (OSError, ValueError) as err:
+        parser.exit(2, f"fedgen-device: error: {err}\n")
+    try:
+        # Listening already: a ClientApp that connects during the imports waits in the backlog
+        # instead of failing.
+        t0 = time.perf_counter()
+        import_handlers()
+        log.info("handlers imported in %.1fs", time.perf_counter() - t0)
         worker.serve_forever()
     except KeyboardInterrupt:
         pass
