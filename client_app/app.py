@@ -1,4 +1,8 @@
-"""ClientApp: local training and evaluation, as the run's strategy prescribes.
+"""The ClientApp's handlers: local training and evaluation, as the run's strategy prescribes.
+
+Flower calls them through client_app/flower_app.py (the ClientApp and its mods), in the
+ClientApp's own process or, with a device worker, in the warm ``fedgen-device`` process
+(client_app/device_worker.py): the same functions either way.
 
 The backbone is loaded once per process (task.adapters.shared_*_model) and reused for every
 client and round this process serves; a message only swaps adapter (or, for fedavg-full,
@@ -11,14 +15,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import fixedclipping_mod
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from client_app import simulated_threats as threats
 from strategies.registry import Entry, check_run
-from strategies.secagg import secure_aggregation_mod
 from task import Task
 from task.adapters import (
     client_dir,
@@ -38,8 +38,6 @@ from task.lora_ops import client_rank
 from task.memory import release_freed_memory
 from task.node import NodeConfig, node_data
 from task.personalization import personalize
-
-app = ClientApp()
 
 
 @dataclass
@@ -81,17 +79,6 @@ def setup(msg: Message, context: Context) -> Client:
                   msg.content["config"], train_data, test_data)
 
 
-def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Differential privacy: when the server sends a clipping norm (dp.noise-multiplier > 0),
-    Flower's fixedclipping_mod clips this client's adapter change to it before upload."""
-    config = msg.content.config_records.get("config")
-    if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
-        return fixedclipping_mod(msg, context, call_next)
-    return call_next(msg, context)
-
-
-# SecAgg+ first: it masks whatever the handler (and the DP mod under it) uploads.
-@app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     client = setup(msg, context)
     cfg, pid, n = client.cfg, client.partition_id, client.node.num_partitions
@@ -118,7 +105,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
     """Which data partition this node holds (-1: its own data), so the server can sample the
     same clients in every run of a comparison, and the LoRA rank this device trains (its
@@ -129,7 +115,6 @@ def query(msg: Message, context: Context) -> Message:
                                                         "lora-rank": rank})}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The task's metric on this client's local test data, of the global model and of its
     personal one.

@@ -9,7 +9,13 @@ the N node public keys, starts N ``flower-supernode`` processes (each with its o
 online, runs ``flwr run . fedgen --stream`` against them with runtime dependency installation
 off, checks that the run finished, and stops every process it started, by PID (whole process
 trees; also on Ctrl-C and SIGTERM). ``--insecure`` (no TLS, no node authentication) exists only
-for local experiments.
+for local experiments. ``--device-worker`` starts one warm ``fedgen-device`` worker per node
+(client_app/device_worker.py) and names its socket in the node's node config, as a device
+would run it.
+
+Every SuperNode (and the SuperLink) runs with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` =
+``TASK_POLL_INTERVAL_S``: Flower's SuperExec asks for a new task (a message to start a ClientApp
+process for) that often, 1 s by default, sleeping that long after every launch too.
 
 Everything lands under ``--work-dir`` (default ``.flwr/deploy/``): ``certs/``, ``superlink/``
 (the Flower home of the CLI and the SuperLink log) and ``nodes/node-i/`` (a SuperNode's Flower
@@ -33,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import make_certificates  # noqa: E402
 from simulate import ROOT, free_port, merge_run_config, stop, wait_for_port  # noqa: E402
 
+from client_app.flower_app import DeviceWorkerError, WorkerConnection  # noqa: E402
+from client_app.worker_protocol import SOCKET_NAME  # noqa: E402
+
 CONNECTION = "fedgen"
+# Seconds between SuperExec polls for a task (flwr 1.41: default 1.0, allowed 0.01 to 60): each
+# poll is one local gRPC call, so 0.1 s costs nothing and saves up to 0.9 s per message.
+TASK_POLL_INTERVAL_S = 0.1
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
@@ -64,20 +76,24 @@ class LocalDeployment:
     """
 
     def __init__(self, work_dir: Path, num_supernodes: int, insecure: bool = False,
-                 data_paths: list[str] = (), extra_hosts: list[str] = ()) -> None:
+                 data_paths: list[str] = (), extra_hosts: list[str] = (),
+                 device_workers: bool = False) -> None:
         self.work = work_dir.resolve()
         self.num_supernodes = num_supernodes
         self.insecure = insecure
         self.data_paths = [str(Path(p).resolve()) for p in data_paths]
         self.extra_hosts = list(extra_hosts)
+        self.device_workers = device_workers
         self.certs = self.work / "certs"
         self.home = self.work / "superlink"
         self.bin_dir = Path(sys.executable).parent
         # Flower starts flower-superexec / flwr-serverapp / flwr-clientapp by name: put them on PATH.
         self.env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(TASK_POLL_INTERVAL_S),
                     "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.link: subprocess.Popen | None = None
         self.nodes: dict[int, subprocess.Popen] = {}
+        self.workers: dict[int, subprocess.Popen] = {}
         self.node_ids: dict[int, int] = {}
 
     # ------------------------------------------------------------------ processes
@@ -113,6 +129,10 @@ class LocalDeployment:
             if not self.insecure:
                 for i in range(self.num_supernodes):
                     self.node_ids[i] = self.register(self.certs / f"node-{i}.pub", f"node-{i}")
+            for i in range(self.num_supernodes if self.device_workers else 0):
+                self.start_worker(i)
+            for i in range(self.num_supernodes if self.device_workers else 0):
+                self.wait_worker(i)
             for i in range(self.num_supernodes):
                 self.start_node(i)
             self.wait_online(self.num_supernodes)
@@ -132,11 +152,43 @@ class LocalDeployment:
     def node_dir(self, i: int) -> Path:
         return self.work / "nodes" / f"node-{i}"
 
+    def worker_socket(self, i: int) -> Path:
+        return self.node_dir(i) / "state" / SOCKET_NAME
+
     def node_config(self, i: int) -> str:
         state = self.node_dir(i) / "state"
+        worker = f' device-worker="{self.worker_socket(i)}"' if self.device_workers else ""
         if self.data_paths:
-            return f'data-path="{self.data_paths[i]}" state-dir="{state}"'
-        return f'partition-id={i} num-partitions={self.num_supernodes} state-dir="{state}"'
+            return f'data-path="{self.data_paths[i]}" state-dir="{state}"{worker}'
+        return f'partition-id={i} num-partitions={self.num_supernodes} state-dir="{state}"{worker}'
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        """Node i's warm device worker (``fedgen-device``); its log is nodes/node-i/device-worker.log."""
+        home = self.node_dir(i)
+        home.mkdir(parents=True, exist_ok=True)
+        with open(home / "device-worker.log", "ab") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "client_app.device_worker",
+                                     "--state-dir", str(home / "state")],
+                                    env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                                    stdout=log_file, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.workers[i] = proc
+        return proc
+
+    def wait_worker(self, i: int, timeout: float = 180) -> None:
+        """Until node i's worker answers a hello (it imports torch/peft first)."""
+        deadline = time.time() + timeout
+        while True:
+            if self.workers[i].poll() is not None:
+                raise RuntimeError(f"device worker {i} exited with code {self.workers[i].returncode}; "
+                                   f"see {self.node_dir(i) / 'device-worker.log'}")
+            try:
+                WorkerConnection(str(self.worker_socket(i))).close()
+                return
+            except DeviceWorkerError:
+                if time.time() > deadline:
+                    raise TimeoutError(f"device worker {i} not listening after {timeout}s") from None
+                time.sleep(0.5)
 
     def node_command(self, i: int, private_key: Path | None = None) -> list[str]:
         cmd = [str(self.bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
@@ -246,6 +298,8 @@ class LocalDeployment:
     def __exit__(self, *exc) -> None:
         for i in list(self.nodes):
             stop(self.nodes.pop(i))
+        for i in list(self.workers):
+            stop(self.workers.pop(i))
         if self.link is not None:
             stop(self.link)
             self.link = None
@@ -264,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra name/IP for the server certificate")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS and no node authentication (local experiments only)")
+    parser.add_argument("--device-worker", action="store_true",
+                        help="one warm fedgen-device worker per node (node config device-worker): "
+                             "messages skip the torch/peft import and backbone load")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the run")
     args = parser.parse_args(argv)
     if args.data_path and len(args.data_path) != args.num_supernodes:
@@ -276,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.time()
     with LocalDeployment(args.work_dir, args.num_supernodes, args.insecure, args.data_path,
-                         args.host) as deployment:
+                         args.host, args.device_worker) as deployment:
         print(f"SuperLink on 127.0.0.1:{deployment.port} and {args.num_supernodes} SuperNodes "
               f"online ({'INSECURE' if args.insecure else 'TLS + node authentication'}) "
               f"after {time.time() - t0:.1f}s", flush=True)

@@ -114,6 +114,17 @@ def shared_full_model(cfg: RunConfig) -> nn.Module:
         return _SHARED[key]
 
 
+def drop_shared_models() -> int:
+    """Forget every process-wide model, so a long-lived process (the device worker) moving on
+    to another run holds one run's backbone, not one per config it ever served; the next
+    shared_*_model call loads its backbone again. Returns how many models were dropped."""
+    with _LOCK:
+        dropped = len(_SHARED)
+        _SHARED.clear()
+        _INITIAL.clear()
+    return dropped
+
+
 def ensure_adapter(model: PeftModel, cfg: RunConfig, adapter_name: str) -> None:
     """Add a second named adapter (e.g. Ditto's "personal") on the same frozen backbone."""
     if adapter_name not in model.peft_config:

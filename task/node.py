@@ -17,9 +17,13 @@ engine sets ``partition-id`` and ``num-partitions`` itself). Keys:
   config's ``cache-dir`` (a path on the server's machine means nothing on a device).
 - ``lora-rank`` or ``memory-mb``: the device profile heterogeneous-rank strategies (hetlora,
   flora) serve an adapter rank by (:func:`task.lora_ops.client_rank`).
+- ``device-worker``: the absolute path of a warm ``fedgen-device`` worker's Unix socket
+  (client_app/device_worker.py): the ClientApp forwards every message to it instead of
+  importing torch and loading the backbone itself.
 
 Each message runs in a fresh ClientApp process under the deployment engine, so everything a
-node needs between rounds is on disk in these folders, nothing in memory.
+node needs between rounds is on disk in these folders (or held by its device worker), never in
+the ClientApp's memory.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from task import get_task
 from task.config import ConfigError, RunConfig, _resolve, fedgen_home
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "state-dir", "cache-dir",
-             "lora-rank", "memory-mb")
+             "lora-rank", "memory-mb", "device-worker")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class NodeConfig:
     cache_dir: str = ""
     lora_rank: int = 0       # device profile (0: none); read by task.lora_ops.client_rank
     memory_mb: float = 0.0
+    device_worker: str = ""  # the warm worker's socket ("": handle messages in the ClientApp)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeConfig":
@@ -56,7 +61,7 @@ class NodeConfig:
             v = values.get(key.replace("-", "_"))
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ConfigError(f"node-config key '{key}' = {v!r}: must be an integer")
-        for key in ("data-path", "state-dir", "cache-dir"):
+        for key in ("data-path", "state-dir", "cache-dir", "device-worker"):
             v = values.get(key.replace("-", "_"))
             if v is not None and not isinstance(v, str):
                 raise ConfigError(f"node-config key '{key}' = {v!r}: must be a string (quote it)")
@@ -64,6 +69,10 @@ class NodeConfig:
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
                                    or memory <= 0):
             raise ConfigError(f"node-config key 'memory-mb' = {memory!r}: must be a positive number")
+        worker = values.get("device_worker")
+        if worker is not None and not Path(worker).is_absolute():
+            raise ConfigError(f"node-config key 'device-worker' = {worker!r}: must be the absolute "
+                              "path of the worker's socket (fedgen-device --socket)")
         node = cls(**values)
         if node.data_path:
             if not Path(node.data_path).expanduser().is_dir():

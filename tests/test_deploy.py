@@ -143,3 +143,30 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
     # At round 2 the restarted node (which had not trained since) evaluated its kept adapter.
     rows = [row.split(",") for row in (out / "clients.csv").read_text().splitlines()[1:]]
     assert sorted(int(r[1]) for r in rows if r[0] == "2" and r[3] != "") == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_three_supernodes_with_warm_device_workers_run_two_rounds(tmp_path):
+    """Each SuperNode forwards its messages to its own fedgen-device worker (node config
+    device-worker): the ClientApp processes import no torch, the workers train and keep the
+    personal adapters in the nodes' state folders, and every process is stopped afterwards."""
+    work = tmp_path / "deploy"
+    t0 = time.time()
+    with LocalDeployment(work, num_supernodes=3, device_workers=True) as dep:
+        workers = dict(dep.workers)
+        started = time.time()
+        code = dep.run(_run_config(tmp_path, "server.evaluate-every=2"), timeout=900)
+        print(f"deployment up in {started - t0:.1f}s, run {time.time() - started:.1f}s")
+    assert not _processes_under(work), "every process started is stopped"
+    assert all(proc.poll() is not None for proc in workers.values()), "the workers are stopped"
+    assert code == 0
+
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for r in results["rounds"][1:]:
+        assert r["num_updates"] == 3 and r["failures"] == 0 and r["rejected"] == 0
+    for i in range(3):
+        log = (dep.node_dir(i) / "device-worker.log").read_text()
+        assert log.count(" train run ") == 2 and " evaluate run " in log, log[-2000:]
+        assert not dep.worker_socket(i).exists(), "a stopped worker removes its socket"
+        adapters = list((dep.node_dir(i) / "state").glob("run-*/personal-adapter"))
+        assert len(adapters) == 1 and (adapters[0] / "adapter_config.json").exists()

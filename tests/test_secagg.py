@@ -14,7 +14,7 @@ from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.app import app as client_app
+from client_app.flower_app import app as client_app
 from strategies.registry import build_strategy, check_run, strategy_entry
 from task.adapters import initial_adapter_state
 from task.config import ConfigError, RunConfig

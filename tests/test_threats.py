@@ -8,7 +8,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.app import dp_clipping_mod
+from client_app.flower_app import dp_clipping_mod
 from client_app.simulated_threats import attacked_upload, fails_this_round, malicious_partitions
 from strategies.defences import delta_norm
 from task.adapters import get_adapter_state, set_adapter_state, shared_lora_model
