@@ -85,12 +85,23 @@ def ablation_run(size: str, key: str, value: int) -> str:
     return f"{key}-{value}"
 
 
+# Non-IID strength (--sweep): fedavg-lora and its personalization gain at each partition.
+SWEEP = [("alpha-0.1", {"data.dirichlet-alpha": 0.1}), ("alpha-0.5", {"data.dirichlet-alpha": 0.5}),
+         ("alpha-1.0", {"data.dirichlet-alpha": 1.0}), ("role", {"data.partitioner": "role"})]
+
+
 def plan(size: str, methods: list[str] | None = None, ablations: bool = True,
-         rank_mix: str = "") -> list[tuple[str, dict]]:
+         rank_mix: str = "", sweep: bool = False, seeds: list[int] | None = None) -> list[tuple[str, dict]]:
     """(run name, run-config overrides) for every run of the suite: the size's methods (or
-    ``methods``), the rank-mix runs, then the ablations."""
+    ``methods``; with several ``seeds`` one run per seed, "<method>-s<seed>"), the rank-mix
+    runs, the non-IID sweep, then the ablations."""
     spec = SIZES[size]
-    runs = [(m, {"strategy.name": m}) for m in (methods or spec["methods"])]
+    runs = []
+    for m in methods or spec["methods"]:
+        runs += [(seeded_name(m, s, seeds), {"strategy.name": m, **({"seed": s} if seeds else {})})
+                 for s in seeds or [None]]
+    if sweep:
+        runs += [(f"sweep-{name}", {"strategy.name": "fedavg-lora", **o}) for name, o in SWEEP]
     if rank_mix:
         top = max(int(item.split(":")[0]) for item in rank_mix.split(","))
         runs += [(f"{m}-mix", {"strategy.name": m, "lora.rank-mix": rank_mix, "lora.rank": top,
@@ -107,6 +118,10 @@ def plan(size: str, methods: list[str] | None = None, ablations: bool = True,
             extra = {"train.max-steps": e * spec["steps_per_epoch"]} if spec["steps_per_epoch"] else {}
             runs.append((f"epochs-{e}", {**ablation, "train.local-epochs": e, **extra}))
     return runs
+
+
+def seeded_name(method: str, seed: int | None, seeds: list[int] | None) -> str:
+    return f"{method}-s{seed}" if seeds and len(seeds) > 1 else method
 
 
 def results_of(out: Path, name: str) -> dict | None:
@@ -149,6 +164,17 @@ def _rounds_to(results: dict, target: float) -> str:
     return f"> {results['rounds'][-1]['round']}"
 
 
+def _mean_std(values: list, digits: int = 1) -> str:
+    """"mean ± std" over seeds (sample std), or the one value; n/a when any is missing."""
+    if not values or any(v is None or not math.isfinite(v) for v in values):
+        return "n/a"
+    if len(values) == 1:
+        return _fmt(values[0], digits)
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def _mb(b) -> str:
     return f"{b / 1e6:,.2f} MB"
 
@@ -164,7 +190,13 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
     missing = [n for n, r in runs.items() if r is None]
     if missing:
         raise SystemExit(f"runs without results: {missing}")
-    methods = [n for n, o in plan(size, **{**selection, "ablations": False})]
+    seeds = selection.get("seeds") or [None]
+    methods = [n for n, o in plan(size, **{**selection, "ablations": False, "sweep": False,
+                                           "seeds": None})]
+    # every seed's run of a method; the sections below the results table show the first seed's
+    by_seed = {m: [runs[seeded_name(m, s, seeds)] for s in seeds] if seeded_name(m, seeds[0], seeds) in runs
+               else [runs[m]] for m in methods}
+    runs.update({m: by_seed[m][0] for m in methods})
     base = runs["fedavg-lora"] if "fedavg-lora" in runs else next(iter(runs.values()))
     target = target or round(1.25 * base["final"]["global_ppl"], 1)
     cfg = base["config"]
@@ -183,19 +215,25 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
              "rate, the step count chosen on a validation share of their training data). "
              "Upload bytes are exact serialized model payloads.", "",
              "## Results", "",
+             (f"Seeds {', '.join(map(str, seeds))}: each figure is the mean ± standard deviation "
+              "over them (Wilcoxon p: the largest)." if len(seeds) > 1 else f"Seed {cfg['seed']}."), "",
              "| method | global ppl | global word ppl | local ppl (global model) | local ppl (personalized) | "
-             "local word ppl (global / personalized) | clients improved | Wilcoxon p | "
+             "local word ppl (global / personalized) | clients improved | mean gain | Wilcoxon p | "
              f"uploaded (total) | rounds to ppl <= {target} |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in methods:
-        r = runs[m]
-        f = r["final"]
-        lines.append(f"| {m} | {_fmt(f['global_ppl'])} | {_fmt(f.get('global_word_ppl'))} | "
-                     f"{_fmt(f.get('protocol_global_ppl'))} | {_fmt(f.get('protocol_personalized_ppl'))} | "
-                     f"{_fmt(f.get('protocol_global_word_ppl'))} / {_fmt(f.get('protocol_personalized_word_ppl'))} | "
-                     f"{_fmt(100 * f['protocol_improved_share'] if f.get('protocol_improved_share') is not None else None, 0)}% | "
-                     f"{_fmt(f.get('protocol_wilcoxon_p'), 4)} | {_mb(f['upload_bytes_total'])} | "
-                     f"{_rounds_to(r, target)} |")
+        finals = [r["final"] for r in by_seed[m]]
+
+        def ms(key: str, scale: float = 1.0, digits: int = 1) -> str:
+            return _mean_std([scale * f[key] if f.get(key) is not None else None for f in finals], digits)
+
+        p_values = [f.get("protocol_wilcoxon_p") for f in finals]
+        lines.append(f"| {m} | {ms('global_ppl')} | {ms('global_word_ppl')} | "
+                     f"{ms('protocol_global_ppl')} | {ms('protocol_personalized_ppl')} | "
+                     f"{ms('protocol_global_word_ppl')} / {ms('protocol_personalized_word_ppl')} | "
+                     f"{ms('protocol_improved_share', 100, 0)}% | {ms('protocol_mean_gain', 100)}% | "
+                     f"{_fmt(max(p_values) if None not in p_values else None, 4)} | "
+                     f"{_mb(finals[0]['upload_bytes_total'])} | {_rounds_to(runs[m], target)} |")
     lines += ["", "Paper (PTB, distilgpt2, 500 rounds), for the ordering only: " + ", ".join(
         f"{k} {v}" for k, v in PAPER_PTB.items()) + "; personalized 81.3 vs global-on-local 92.5.",
         "", "![convergence](convergence.png) ![upload](upload.png)", ""]
@@ -254,6 +292,8 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
         plot_gains(gains, out / "personalization.png", "perplexity")
 
     lines += aggregation_section(runs, methods)
+    if selection.get("sweep"):
+        lines += sweep_section(runs, out)
 
     # Ablations.
     if not selection.get("ablations", True):
@@ -287,6 +327,46 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def sweep_section(runs: dict, out: Path) -> list[str]:
+    """Non-IID strength: each partition's statistics (results.json "partition") beside the
+    personalization gain fedavg-lora's protocol gets there, and a plot of gain vs divergence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["## Non-IID strength and personalization", "",
+             "| partition | topics per client | effective topics | JS divergence from the pool (mean / median) | "
+             "global ppl | local ppl global / personalized | clients improved | mean gain | Wilcoxon p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    points = []
+    for name, _ in SWEEP:
+        r = runs[f"sweep-{name}"]
+        part, f, st = r.get("partition", {}), r["final"], r.get("personalization_stats") or {}
+        lines.append(f"| {name} | {_fmt(part.get('labels_per_client'))} | {_fmt(part.get('effective_labels'))} | "
+                     f"{_fmt(part.get('js_divergence_mean'), 3)} / {_fmt(part.get('js_divergence_median'), 3)} | "
+                     f"{_fmt(f['global_ppl'])} | {_fmt(f.get('protocol_global_ppl'))} / "
+                     f"{_fmt(f.get('protocol_personalized_ppl'))} | "
+                     f"{_fmt(100 * st['improved_share'] if st.get('clients') else None, 0)}% | "
+                     f"{_fmt(100 * st['mean_gain'] if st.get('clients') else None)}% | "
+                     f"{_fmt(st.get('wilcoxon_p'), 4)} |")
+        if st.get("clients") and part.get("js_divergence_mean") is not None:
+            points.append((name, part["js_divergence_mean"], 100 * st["mean_gain"]))
+    lines += ["", "(role: a client is a speaking role; it has no LDA topics to count.)", ""]
+    if points:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([p[1] for p in points], [p[2] for p in points], marker="o", ls="none")
+        for name, x, y in points:
+            ax.annotate(name, (x, y))
+        ax.set(xlabel="JS divergence of client topics from the pool (mean)",
+               ylabel="mean personalization gain (%)", title="Non-IID strength")
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=100)
+        plt.close(fig)
+        lines += ["![sweep](sweep.png)", ""]
+    return lines
 
 
 def aggregation_section(runs: dict, names: list[str]) -> list[str]:
@@ -335,9 +415,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the rank and local-epochs ablations")
     parser.add_argument("--rank-mix", default="",
                         help=f"also run {', '.join(HET_METHODS)} with this rank-mix, e.g. 2:0.5,8:0.3,16:0.2")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated seeds: every method runs once per seed, the table gives "
+                             "mean ± std (default: the run config's seed)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also run fedavg-lora at data.dirichlet-alpha 0.1 / 0.5 / 1.0 and the role "
+                             "partition, with each partition's statistics and personalization gain")
     args = parser.parse_args(argv)
     selection = {"methods": args.methods.split(",") if args.methods else None,
-                 "ablations": args.ablations, "rank_mix": args.rank_mix}
+                 "ablations": args.ablations, "rank_mix": args.rank_mix, "sweep": args.sweep,
+                 "seeds": [int(x) for x in args.seeds.split(",")] if args.seeds else None}
     args.size = args.size or "quick"
     # SIGTERM must still stop the suite's SuperLink and everything under it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -94,6 +94,8 @@ def main(grid: Grid, context: Context) -> None:
         "backbone_params": backbone_params,
         "trained_params": backbone_params if full else adapter_params,
         "metric": m, **task.header(cfg, test_data), **prepared, "precision": precision,
+        # of the simulated split (partition ids); a node training on its own files has none
+        "partition": task.partition_stats(cfg, num_clients),
         "config": cfg.flat(),
     }, figures=task.caps.figures, counts=task.caps.counts, metric_label=task.caps.metric_label)
     if resumed is not None:

@@ -7,8 +7,10 @@ Shared: the LoRA A and B matrices on the attention query and value projections. 
 the global adapter to the sampled clients and replaces it with the mean of their returned
 adapters weighted by ``num-examples`` (training sequences): Flower's FedAvg does the mean.
 Stays on the client: the data, the frozen backbone (never sent: every party already holds the
-same pre-trained weights), and the client's personalized adapter (its adapter after its latest
-local training, saved in peft format), which is evaluated beside the global one.
+same pre-trained weights), and the client's latest local adapter (saved in peft format). That one
+is not a personal model (it is as stale as the client's last sampled round), so no in-round
+personalized figure is reported for it; the personalized adapter is what the personalization
+protocol (task/personalization.py) makes from the final global one.
 """
 
 from __future__ import annotations

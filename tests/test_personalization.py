@@ -144,3 +144,31 @@ def test_paired_gains_on_a_constructed_case():
     assert stats["wilcoxon_p"] == pytest.approx(wilcoxon(g, p).pvalue)
     assert paired_gains([10.0], [9.0])["wilcoxon_p"] is None  # one pair: no test
     assert paired_gains([10.0, float("nan")], [9.0, 1.0])["clients"] == 1
+
+
+def test_partition_statistics_on_constructed_labels():
+    import numpy as np
+
+    from task.partition_stats import js_divergence, label_statistics
+
+    pool = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    iid = label_statistics([np.array([0, 1, 2, 3]), np.array([0, 1, 2, 3])], pool, 4)
+    assert iid["js_divergence_mean"] == pytest.approx(0.0) and iid["effective_labels"] == pytest.approx(4.0)
+    skewed = label_statistics([np.array([0, 0]), np.array([1, 1]), np.array([2, 3])], pool, 4)
+    assert skewed["labels_per_client"] == pytest.approx(4 / 3)
+    # one label of four equally likely: JS = H(m) - (H(p) + H(q)) / 2 with m = (5/8, 1/8, 1/8, 1/8)
+    m = np.array([5, 1, 1, 1]) / 8
+    expected = -(m * np.log2(m)).sum() - (0 + 2) / 2
+    assert js_divergence(np.array([1.0, 0, 0, 0]), np.ones(4)) == pytest.approx(expected)
+    assert skewed["js_divergence_median"] == pytest.approx(expected)
+    assert skewed["items_per_client_min"] == 2
+
+
+def test_lower_dirichlet_alpha_gives_a_more_skewed_topic_partition(tiny_cfg):
+    from dataclasses import replace
+
+    task = get_task(tiny_cfg)
+    stats = {a: task.partition_stats(replace(tiny_cfg, data=replace(tiny_cfg.data, dirichlet_alpha=a)), 6)
+             for a in (0.1, 10.0)}
+    assert stats[0.1]["js_divergence_mean"] > stats[10.0]["js_divergence_mean"]
+    assert stats[0.1]["effective_labels"] < stats[10.0]["effective_labels"]

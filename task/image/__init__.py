@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from task import TaskCapabilities
+from task import TaskCapabilities, partition_stats
 from task.adapters import lora_parameter_counts
 from task.image import data, model, train
 
@@ -66,6 +66,14 @@ class ImageGeneration:
 
     def own_data(self, cfg, data_path: str, cache_folder):
         raise ValueError("the image task trains on partitions only (no node-config data-path)")
+
+    def partition_stats(self, cfg, num_partitions: int) -> dict:
+        """How non-IID the partition is in classes (task/partition_stats.py)."""
+        labels = data.load_images(cfg).train_labels
+        _, pool = data.public_and_pool(cfg)
+        parts = data.image_partitions(cfg, num_partitions)
+        return {"label": "image class", **partition_stats.label_statistics(
+            [labels[p] for p in parts], labels[pool], data.load_images(cfg).num_classes)}
 
     def global_test_data(self, cfg):
         return data.global_test_rows(cfg)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 
-from task import TaskCapabilities
+from task import TaskCapabilities, partition_stats
 from task.adapters import compute_precision, lora_parameter_counts
 from task.lm import backdoor, data, model, train, words
 
@@ -71,6 +72,18 @@ class LanguageModeling:
 
     def own_data(self, cfg, data_path: str, cache_folder):
         return data.own_blocks(cfg, data_path, cache_folder)
+
+    def partition_stats(self, cfg, num_partitions: int) -> dict:
+        """How non-IID the partition is in LDA topics (task/partition_stats.py); the role and
+        iid partitioners of a corpus without an LDA fit have no topics to count."""
+        corpus = data.load_corpus(cfg)
+        if cfg.data.partitioner != "lda-dirichlet":
+            return {"label": "none (no LDA fit for this partitioner)"}
+        parts = data.partition_indices(cfg, num_partitions)
+        topics = np.asarray(corpus.topics)
+        return {"label": "dominant LDA topic of a document",
+                **partition_stats.label_statistics([topics[list(p)] for p in parts],
+                                                   topics[corpus.pool], cfg.data.lda_topics)}
 
     def global_test_data(self, cfg):
         return data.global_test_blocks(cfg)
