@@ -150,8 +150,9 @@ def _error_reply(sock: socket.socket) -> str:
 
 # --------------------------------------------------------------------------- same replies
 def test_worker_and_in_process_give_the_same_replies(worker, tiny_cfg, tmp_path, stamped):
-    """Train, then evaluate (reading the personal adapter train left), then query, through the
-    whole ClientApp with its mods: in this process, and forwarded to the worker subprocess."""
+    """Train, evaluate, the personalization protocol (an evaluate message with ``personalize``),
+    then query, through the whole ClientApp with its mods: in this process, and forwarded to the
+    worker subprocess."""
     from task.adapters import initial_adapter_state
 
     folder = _text_folder(tmp_path / "data")
@@ -162,9 +163,12 @@ def test_worker_and_in_process_give_the_same_replies(worker, tiny_cfg, tmp_path,
         if path == "worker":
             node_config["device-worker"] = str(worker.socket)
         context = _context(tiny_cfg.flat(), node_config)
-        replies[path] = [flower_app.app(_message(kind, initial if kind != MessageType.QUERY else None),
-                                        context)
-                         for kind in (MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY)]
+        personalize = {"personalize": True, "personalize-partitions": "-1"}
+        replies[path] = [flower_app.app(_message(kind, initial if kind != MessageType.QUERY else None,
+                                                 config), context)
+                         for kind, config in ((MessageType.TRAIN, None), (MessageType.EVALUATE, None),
+                                              (MessageType.EVALUATE, personalize),
+                                              (MessageType.QUERY, None))]
     for ours, theirs in zip(replies["in-process"], replies["worker"]):
         assert not ours.has_error() and not theirs.has_error()
         assert dict(ours.content["metrics"]) == dict(theirs.content["metrics"])
@@ -173,15 +177,18 @@ def test_worker_and_in_process_give_the_same_replies(worker, tiny_cfg, tmp_path,
             a, b = ours.content["arrays"], theirs.content["arrays"]
             assert list(a) == list(b) and a
             assert all(a[k].data == b[k].data and a[k].dtype == b[k].dtype for k in a)
-    train, evaluate, query = replies["worker"]
+    train, evaluate, personalized, query = replies["worker"]
     assert train.content["metrics"]["num-examples"] > 0 and "arrays" in train.content
-    assert evaluate.content["metrics"]["personal-tokens"] > 0
+    assert evaluate.content["metrics"]["global-tokens"] > 0
+    assert personalized.content["metrics"]["personal-tokens"] > 0
+    assert personalized.content["metrics"]["protocol-total-steps"] > 0
     assert query.content["metrics"]["partition-id"] == -1
     assert train.metadata.reply_to_message_id == "" and train.metadata.message_type == MessageType.TRAIN
     # the personal adapter landed in the node's state folder, the same bytes both ways
-    adapters = [(tmp_path / p / "run-5" / "personal-adapter" / "adapter_model.safetensors").read_bytes()
-                for p in ("in-process", "worker")]
-    assert adapters[0] == adapters[1]
+    for name in ("personal-adapter", "personalized-adapter"):
+        adapters = [(tmp_path / p / "run-5" / name / "adapter_model.safetensors").read_bytes()
+                    for p in ("in-process", "worker")]
+        assert adapters[0] == adapters[1]
 
 
 def test_the_thin_path_imports_no_torch():
