@@ -50,7 +50,9 @@ SIZES = {
                      "model.name": "tiny-gpt2", "num-server-rounds": 2, "strategy.fraction-train": 0.5,
                      "strategy.fraction-evaluate": 0.5, "server.evaluate-every": 2, "train.max-steps": 2,
                      "train.seq-len": 32, "data.chunk-words": 400, "train.learning-rate": 0.01,
-                     "eval.server-round-tokens": 512, "server.personalize-clients": 3}),
+                     "eval.server-round-tokens": 512, "eval.client-tokens": 1024,
+                     "server.personalize-clients": 3, "server.personalize-max-steps": 4,
+                     "server.personalize-checks": 2}),
     "quick": dict(clients=15, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=1, config={
                       "num-server-rounds": 3, "strategy.fraction-train": 0.2, "strategy.fraction-evaluate": 0.2,

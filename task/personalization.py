@@ -6,8 +6,8 @@ fine-tuning can make a client worse (a learning rate too high for its little dat
 steps that overfit), so the protocol keeps the choice honest and safe:
 
 - a seeded ``server.personalize-validation-fraction`` of the client's training blocks is held out;
-- the model trains ``server.personalize-epochs`` full epochs (not capped by ``train.max-steps``) on
-  the rest at ``server.personalize-learning-rate`` (full-model strategies: scaled by
+- the model trains ``server.personalize-epochs`` full epochs (not capped by ``train.max-steps``;
+  ``server.personalize-max-steps`` can cap them, for smoke runs) on the rest at ``server.personalize-learning-rate`` (full-model strategies: scaled by
   train.full-learning-rate / train.learning-rate, their own step size);
 - at ``server.personalize-checks`` evenly spaced steps the validation metric is measured; the
   best of those, of the start, and of the global model itself is kept. So the result is never
@@ -79,6 +79,8 @@ def personalize(task, cfg, model, *, global_state: State, start_state: State | N
     fit, validation = validation_split(train_data, s.personalize_validation_fraction, seed)
     batch = cfg.train.batch_size
     total = s.personalize_epochs * math.ceil(len(fit) / batch) if len(validation) else 0
+    if s.personalize_max_steps:
+        total = min(total, s.personalize_max_steps)
     if not len(validation):  # one block: nothing to choose on, so keep the global model
         load(model, global_state)
         return Personalized(global_state, 0, 0, True, math.nan, math.nan, 0)
@@ -110,7 +112,7 @@ def personalize(task, cfg, model, *, global_state: State, start_state: State | N
     if full_model:  # a full model trains at its own, much smaller, step size
         lr *= cfg.train.full_learning_rate / cfg.train.learning_rate
     task.train(model, fit, epochs=s.personalize_epochs, batch_size=batch, lr=lr,
-               weight_decay=cfg.train.weight_decay, max_steps=0, seed=seed,
+               weight_decay=cfg.train.weight_decay, max_steps=total, seed=seed,
                after_step=after_step, precision=compute_precision(cfg))
     load(model, best["state"])
     return Personalized(best["state"], best["steps"], total, best["global_"], validation_global,
