@@ -2,6 +2,7 @@
 ablations (LoRA rank; local epochs), each a real `flwr run`, then report.md + PNGs.
 
     python scripts/suite.py --size quick      # SmolLM2 + Shakespeare, under 45 min on 2 CPU cores
+    python scripts/suite.py --compare --sweep # issue 15's table: 6 methods x 3 seeds, 500 small clients (~90 min)
     python scripts/suite.py --size paper      # the paper's scale (a GPU machine)
     python scripts/suite.py --size tiny       # tiny-gpt2, a few minutes (CI)
     python scripts/suite.py --report-only --out outputs/suite-quick
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from simulate import LocalSuperLink  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from task.config import RunConfig  # noqa: E402
 from task.results import plot_gains  # noqa: E402
 
 METHODS = ["centralized-full", "centralized-lora", "fedavg-lora", "ditto", "fedper", "fedavg-full",
@@ -37,6 +39,8 @@ METHODS = ["centralized-full", "centralized-lora", "fedavg-lora", "ditto", "fedp
 # also runs with the mix ("<method>-mix", lora.rank = the mix's largest rank, same alpha / r).
 AGGREGATION_METHODS = ["fedavg-lora", "ffa-lora", "fedex-lora", "flora", "fedsa-lora", "hetlora"]
 HET_METHODS = ["hetlora", "flora"]
+# Issue 15's table: the method, its federated baselines, and the centralized upper bound.
+COMPARE_METHODS = ["fedavg-lora", "fedavg-full", "fedper", "ditto", "local-only", "centralized-lora"]
 PAPER_PTB = {"centralized-full": 75.4, "centralized-lora": 78.9, "fedavg-lora": 85.2,
              "ditto": 94.6, "fedper": 98.4, "fedavg-full": 115.7, "local-only": 142.3}
 
@@ -66,6 +70,19 @@ SIZES = {
                         "num-server-rounds": 2, "strategy.fraction-train": 0.5, "strategy.fraction-evaluate": 0.5,
                         "server.evaluate-every": 2, "train.max-steps": 2, "train.seq-len": 32, "eval.server-round-tokens": 512,
                         "server.personalize-clients": 3}),
+    # Issue 15's method table on this machine (2 CPU cores, about 90 min with 3 seeds): many small
+    # devices (500 clients of about 9 documents, 1.8k training tokens each), 5 per round, 10 rounds,
+    # so that the protocol's full local epoch on 20 clients fits. Label-skewed at alpha 0.1 (the
+    # paper: a few topics dominate each client). The global figure reads the whole global test set
+    # (1% of the documents here); the per-round curve a 2k-token subset.
+    "compare": dict(clients=500, methods=COMPARE_METHODS, ranks=[], epochs=[], steps_per_epoch=1,
+                    seeds=[42, 43, 44], config={
+                        "num-server-rounds": 10, "strategy.fraction-train": 0.01,
+                        "strategy.fraction-evaluate": 0.01, "server.evaluate-every": 5,
+                        "train.max-steps": 2, "train.seq-len": 32, "data.dirichlet-alpha": 0.1,
+                        "data.global-test-fraction": 0.01, "data.test-fraction": 0.25,
+                        "eval.server-round-tokens": 2048, "server.personalize-clients": 20,
+                        "server.personalize-checks": 4}),
     "paper": dict(clients=100, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=0, config={
                       "num-server-rounds": 100, "strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.1,
@@ -99,9 +116,10 @@ def plan(size: str, methods: list[str] | None = None, ablations: bool = True,
     runs, the non-IID sweep, then the ablations."""
     spec = SIZES[size]
     runs = []
-    for m in methods or spec["methods"]:
+    # seed by seed: a suite stopped early still has every method at its first seeds
+    for s in seeds or [None]:
         runs += [(seeded_name(m, s, seeds), {"strategy.name": m, **({"seed": s} if seeds else {})})
-                 for s in seeds or [None]]
+                 for m in methods or spec["methods"]]
     if sweep:
         runs += [(f"sweep-{name}", {"strategy.name": "fedavg-lora", **o}) for name, o in SWEEP]
     if rank_mix:
@@ -137,7 +155,14 @@ def results_of(out: Path, name: str) -> dict | None:
 def run_suite(size: str, out: Path, cache: Path, timeout: float | None, **selection) -> None:
     spec = SIZES[size]
     runs = plan(size, **selection)
-    todo = [(n, o) for n, o in runs if results_of(out, n) is None]
+    # a run whose whole config equals an earlier one's (e.g. the sweep point at the size's own
+    # alpha) is that run: linked, not run again
+    first: dict[str, str] = {}
+    for name, overrides in runs:
+        key = json.dumps(RunConfig.from_run_config({**spec["config"], **overrides}).flat(), sort_keys=True)
+        if first.setdefault(key, name) != name and not (out / name).exists():
+            (out / name).symlink_to(first[key])
+    todo = [(n, o) for n, o in runs if results_of(out, n) is None and not (out / n).is_symlink()]
     print(f"suite {size}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
     if not todo:
         return
@@ -428,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                  "ablations": args.ablations, "rank_mix": args.rank_mix, "sweep": args.sweep,
                  "seeds": [int(x) for x in args.seeds.split(",")] if args.seeds else None}
     args.size = args.size or "quick"
+    selection["seeds"] = selection["seeds"] or SIZES[args.size].get("seeds")
     # SIGTERM must still stop the suite's SuperLink and everything under it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = (args.out or ROOT / "outputs" / f"suite-{args.size}").resolve()
