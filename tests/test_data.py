@@ -72,3 +72,23 @@ def test_token_blocks_shape(tiny_cfg):
     train, test = data.client_blocks(tiny_cfg, 0, 20)
     assert train.shape[1] == test.shape[1] == tiny_cfg.train.seq_len
     assert train.dtype.is_floating_point is False and len(train) > len(test) > 0
+
+
+def test_topic_mixture_partition_is_exact_equal_and_skewed_by_alpha():
+    rng = np.random.default_rng(0)
+    topics = rng.integers(0, 10, size=4000).tolist()
+    pool = np.bincount(topics, minlength=10) / len(topics)
+
+    def skew(parts):  # mean total-variation distance of a client's topic shares from the pool's
+        return np.mean([0.5 * np.abs(np.bincount([topics[i] for i in p], minlength=10) / len(p) - pool).sum()
+                        for p in parts])
+
+    skews = []
+    for alpha in (0.1, 1.0, 100.0):  # flwr's DirichletPartitioner gave up at 0.1 with 500 clients
+        parts = data.topic_mixture_partition(topics, 500, alpha, seed=1)
+        flat = sorted(i for p in parts for i in p)
+        assert flat == list(range(4000)), "every document goes to exactly one client"
+        assert {len(p) for p in parts} == {8}
+        skews.append(skew(parts))
+    assert skews[0] > skews[1] > skews[2]
+    assert data.topic_mixture_partition(topics, 500, 0.1, seed=1) == data.topic_mixture_partition(topics, 500, 0.1, seed=1)
