@@ -218,6 +218,12 @@ def wait_for_nodes(grid: Grid, count: int) -> None:
 
 def partition_order(grid: Grid, timeout: float) -> list[int]:
     """Node ids sorted by the partition id each node reports (a query to every node)."""
+    partition = node_partitions(grid, timeout)
+    return sorted(partition, key=partition.get)
+
+
+def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:
+    """Node id -> the partition id it reports (a query to every node: config only, no arrays)."""
     nodes = list(grid.get_node_ids())
     record = RecordDict({"config": ConfigRecord({"server-round": 0})})
     replies = grid.send_and_receive(
@@ -230,7 +236,7 @@ def partition_order(grid: Grid, timeout: float) -> list[int]:
             if isinstance(pid, int) and pid >= 0:
                 partition[reply.metadata.src_node_id] = pid
     log.info("%d of %d nodes reported a partition id", len(partition), len(nodes))
-    return sorted(partition, key=partition.get)
+    return partition
 
 
 def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
@@ -243,12 +249,14 @@ def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
 def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
     """Paper 4.4.3, made safe: the sampled clients run the personalization protocol
     (task/personalization.py) from the final model and report the local-test figures of the
-    global and of the personalized model, and what the protocol chose. Every node gets the
-    message; only the chosen partitions do the work (the others answer at once)."""
+    global and of the personalized model, and what the protocol chose. Only the chosen
+    partitions' nodes get the message, with the final model (asked again now: a node may have
+    rejoined under a new id); sending it to every node cost most of a 500-client run's protocol."""
     if not cfg.server.personalize_clients:
         return []
-    nodes = sorted(grid.get_node_ids())
-    chosen = personalization_partitions(cfg, len(nodes))
+    partition = node_partitions(grid, cfg.server.round_timeout)
+    chosen = personalization_partitions(cfg, len(list(grid.get_node_ids())))
+    nodes = sorted(n for n, pid in partition.items() if pid in chosen)
     record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({
         "personalize": True, "personalize-partitions": ",".join(map(str, chosen)),
         "server-round": 0})})

@@ -172,3 +172,30 @@ def test_lower_dirichlet_alpha_gives_a_more_skewed_topic_partition(tiny_cfg):
              for a in (0.1, 10.0)}
     assert stats[0.1]["js_divergence_mean"] > stats[10.0]["js_divergence_mean"]
     assert stats[0.1]["effective_labels"] < stats[10.0]["effective_labels"]
+
+
+def test_the_protocol_message_goes_only_to_the_chosen_clients(monkeypatch, tiny_cfg):
+    """With 500 clients, sending the final model to every node cost most of a run's protocol:
+    only the nodes of the chosen partitions get it (node ids are not partition ids)."""
+    from dataclasses import replace
+
+    from flwr.app import ArrayRecord
+
+    import server_app.app as server
+
+    cfg = replace(tiny_cfg, server=replace(tiny_cfg.server, personalize_clients=3))
+    nodes = {1000 + 7 * pid: pid for pid in range(12)}  # node id -> partition id
+
+    class Grid:
+        def get_node_ids(self):
+            return list(nodes)
+
+    sent = []
+    monkeypatch.setattr(server, "Message", lambda content, message_type, dst_node_id: dst_node_id)
+    monkeypatch.setattr(server, "node_partitions", lambda grid, timeout: dict(nodes))
+    monkeypatch.setattr(server, "_send_and_receive_with_progress",
+                        lambda grid, messages, timeout, progress: sent.extend(messages) or [])
+    server._personalize(cfg, Grid(), ArrayRecord())
+    chosen = server.personalization_partitions(cfg, 12)
+    assert len(chosen) == 3
+    assert sorted(nodes[node] for node in sent) == chosen
