@@ -56,7 +56,8 @@ SIZES = {
                      "train.seq-len": 32, "data.chunk-words": 400, "train.learning-rate": 0.01,
                      "eval.server-round-tokens": 512, "eval.client-tokens": 1024,
                      "server.personalize-clients": 3, "server.personalize-max-steps": 4,
-                     "server.personalize-checks": 2}),
+                     "server.personalize-checks": 2, "server.personalize-validation-cap": 16,
+                     "data.global-test-fraction": 0.01}),
     "quick": dict(clients=15, methods=METHODS, ranks=[2, 4, 8, 16, 32], epochs=[1, 2, 5, 10, 20],
                   steps_per_epoch=1, config={
                       "num-server-rounds": 3, "strategy.fraction-train": 0.2, "strategy.fraction-evaluate": 0.2,

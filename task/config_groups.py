@@ -133,6 +133,7 @@ class ServerConfig:
     personalize_validation_fraction: float = 0.2
     personalize_checks: int = 8
     personalize_max_steps: int = 0
+    personalize_validation_cap: int = 256
 
     def validate(self, need: Need) -> None:
         for key in ("evaluate_every", "checkpoint_every", "min_available_nodes",
@@ -140,7 +141,8 @@ class ServerConfig:
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.round_timeout > 0, "round_timeout", "must be > 0")
         need(self.personalize_clients >= 0, "personalize_clients", "must be >= 0")
-        need(self.personalize_max_steps >= 0, "personalize_max_steps", "must be >= 0 (0 = no cap)")
+        for key in ("personalize_max_steps", "personalize_validation_cap"):
+            need(getattr(self, key) >= 0, key, "must be >= 0 (0 = no cap)")
         need(self.personalize_learning_rate > 0, "personalize_learning_rate", "must be > 0")
         need(0.0 < self.personalize_validation_fraction < 1.0, "personalize_validation_fraction",
              "must be in (0, 1)")

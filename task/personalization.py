@@ -53,13 +53,17 @@ class Personalized:
                 "validation-blocks": self.validation_count}
 
 
-def validation_split(data: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fit, validation) rows of ``data``: a seeded share, at least one row each when there
-    are two or more (with one row there is nothing to validate on: validation is empty)."""
+def validation_split(data: torch.Tensor, fraction: float, seed: int,
+                     cap: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, validation) rows of ``data``: a seeded share (at most ``cap`` rows, 0 = no cap), at
+    least one row each when there are two or more (with one row there is nothing to validate on:
+    validation is empty)."""
     n = len(data)
     if n < 2:
         return data, data[:0]
     n_val = min(n - 1, max(1, round(fraction * n)))
+    if cap:
+        n_val = min(n_val, cap)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return data[order[n_val:].sort().values], data[order[:n_val].sort().values]
 
@@ -76,7 +80,8 @@ def personalize(task, cfg, model, *, global_state: State, start_state: State | N
     state). ``start_state``: the strategy's own personal model, or None to start from the
     global one. ``load(model, state)`` / ``snapshot(model)`` move states in and out."""
     s = cfg.server
-    fit, validation = validation_split(train_data, s.personalize_validation_fraction, seed)
+    fit, validation = validation_split(train_data, s.personalize_validation_fraction, seed,
+                                       s.personalize_validation_cap)
     batch = cfg.train.batch_size
     total = s.personalize_epochs * math.ceil(len(fit) / batch) if len(validation) else 0
     if s.personalize_max_steps:

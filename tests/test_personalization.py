@@ -74,6 +74,9 @@ def test_validation_split_and_check_steps():
     assert sorted(torch.cat([fit, val]).view(-1).tolist()) == list(range(10))
     assert torch.equal(val, validation_split(data_rows, 0.2, seed=1)[1])  # seeded
     assert len(validation_split(data_rows[:1], 0.2, seed=1)[1]) == 0
+    fit, val = validation_split(torch.arange(100).view(100, 1), 0.2, seed=1, cap=5)
+    assert len(val) == 5 and len(fit) == 95  # capped share: the rest stays for fitting
+    assert sorted(torch.cat([fit, val]).view(-1).tolist()) == list(range(100))
     assert check_steps(10, 4) == {3, 5, 8, 10} and check_steps(2, 8) == {1, 2} and check_steps(0, 8) == set()
 
 
