@@ -20,6 +20,7 @@ centralized baseline treat it exactly like the text task's token blocks (len, in
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -263,8 +264,6 @@ def local_image_rows(cfg: RunConfig, data_path: str) -> tuple[torch.Tensor, torc
     below ``test-fraction``, as the text task's documents do: deterministic, and adding an image
     never moves the others between train and test. Both sets get at least one image.
     """
-    import hashlib
-
     root = Path(data_path).expanduser()
     files = _image_files(root, cfg.data.dataset)
     train, test = [], []
