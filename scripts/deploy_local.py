@@ -13,6 +13,12 @@ for local experiments. ``--device-worker`` starts one warm ``fedgen-device`` wor
 (client_app/device_worker.py) and names its socket in the node's node config, as a device
 would run it.
 
+``--links wifi,lte,weak`` (root) puts the SuperLink and each SuperNode (with its worker) on its own
+host: a network namespace per device, joined to the SuperLink's by a veth link shaped to the
+named profile (scripts/netlab.py: ``tbf`` per direction), the SuperNode dialling the SuperLink's
+address on its link; ``--memory-cap I=GiB`` runs device I's processes under a cgroup memory limit,
+as a small board. The namespaces, qdiscs and cgroups are removed on the way out.
+
 Every SuperNode (and the SuperLink) runs with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` =
 ``TASK_POLL_INTERVAL_S``: Flower's SuperExec asks for a new task (a message to start a ClientApp
 process for) that often, 1 s by default, sleeping that long after every launch too.
@@ -37,6 +43,7 @@ import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import make_certificates  # noqa: E402
+from netlab import NetworkLab  # noqa: E402
 from simulate import ROOT, free_port, merge_run_config, stop, wait_for_port  # noqa: E402
 
 from client_app.flower_app import DeviceWorkerError, WorkerConnection  # noqa: E402
@@ -72,12 +79,15 @@ class LocalDeployment:
     ``with LocalDeployment(work_dir, 3) as dep: dep.run({...})``. Nodes can be killed and started
     again (``kill_node`` / ``start_node``) while a run goes on; leaving the block stops everything.
     ``data_paths`` gives node i the folder ``data_paths[i]`` (its own text files) instead of a
-    partition of the benchmark corpus.
+    partition of the benchmark corpus. ``links`` (one profile per node, see scripts/netlab.py)
+    or ``memory_caps`` (node -> bytes) give every process its own host: the SuperLink and the
+    CLI in the lab's server namespace, node i's SuperNode and worker in namespace i.
     """
 
     def __init__(self, work_dir: Path, num_supernodes: int, insecure: bool = False,
                  data_paths: list[str] = (), extra_hosts: list[str] = (),
-                 device_workers: bool = False) -> None:
+                 device_workers: bool = False, links: list[str] = (),
+                 memory_caps: dict[int, int] | None = None) -> None:
         self.work = work_dir.resolve()
         self.num_supernodes = num_supernodes
         self.insecure = insecure
@@ -95,51 +105,71 @@ class LocalDeployment:
         self.nodes: dict[int, subprocess.Popen] = {}
         self.workers: dict[int, subprocess.Popen] = {}
         self.node_ids: dict[int, int] = {}
+        self.lab = (NetworkLab(f"{os.getpid() % 10**6}", num_supernodes, list(links), memory_caps)
+                    if links or memory_caps else None)
+
+    def _in(self, where: int | str, cmd: list[str]) -> list[str]:
+        """``cmd`` on the SuperLink's host ("link") or on node ``where``'s (as is without a lab)."""
+        return self.lab.wrap(where, cmd) if self.lab else cmd
+
+    def superlink_address(self, i: int) -> str:
+        """Where node i dials the SuperLink."""
+        return f"{self.lab.server_ip(i) if self.lab else '127.0.0.1'}:{self.port}"
 
     # ------------------------------------------------------------------ processes
     def _cli_env(self) -> dict:
         return {**self.env, "FLWR_HOME": str(self.home)}
 
     def _flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.bin_dir / "flwr"), *args], env=self._cli_env(), cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self._in("link", [str(self.bin_dir / "flwr"), *args]), env=self._cli_env(),
+                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     def __enter__(self) -> "LocalDeployment":
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        if self.lab:
+            self.lab.__enter__()
         self.port = free_port()  # Flower 1.41 serves Fleet, Control and Runtime APIs on one port
         self.home.mkdir(parents=True, exist_ok=True)
-        connection = {"address": f"127.0.0.1:{self.port}"}
-        cmd = [str(self.bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        connection = {"address": f"127.0.0.1:{self.port}"}  # the CLI runs on the SuperLink's host
+        host = "0.0.0.0" if self.lab else "127.0.0.1"  # with a lab: every device link's address
+        cmd = [str(self.bin_dir / "flower-superlink"), "--host", host, "--port", str(self.port),
                "--disable-runtime-dependency-installation",
                "--log-file", str(self.home / "superlink.log")]
         if self.insecure:
             cmd.append("--insecure")
             connection["insecure"] = True
         else:
-            make_certificates(self.certs, self.extra_hosts, self.num_supernodes)
+            make_certificates(self.certs, self.extra_hosts + (self.lab.server_ips() if self.lab else []),
+                              self.num_supernodes)
             cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
                     "--ssl-certfile", str(self.certs / "server.pem"),
                     "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
             connection["root-certificates"] = str(self.certs / "ca.crt")
         (self.home / "config.toml").write_text(tomli_w.dumps(
             {"superlink": {"default": CONNECTION, CONNECTION: connection}}))
-        self.link = subprocess.Popen(cmd, env=self._cli_env(), stdout=subprocess.DEVNULL,
+        self.link = subprocess.Popen(self._in("link", cmd), env=self._cli_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
+        if self.lab:
+            self.lab.wait_port("link", "127.0.0.1", self.port, self.link)
+        else:
             wait_for_port(self.port, self.link)
-            if not self.insecure:
-                for i in range(self.num_supernodes):
-                    self.node_ids[i] = self.register(self.certs / f"node-{i}.pub", f"node-{i}")
-            for i in range(self.num_supernodes if self.device_workers else 0):
-                self.start_worker(i)
-            for i in range(self.num_supernodes if self.device_workers else 0):
-                self.wait_worker(i)
+        if not self.insecure:
             for i in range(self.num_supernodes):
-                self.start_node(i)
-            self.wait_online(self.num_supernodes)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+                self.node_ids[i] = self.register(self.certs / f"node-{i}.pub", f"node-{i}")
+        for i in range(self.num_supernodes if self.device_workers else 0):
+            self.start_worker(i)
+        for i in range(self.num_supernodes if self.device_workers else 0):
+            self.wait_worker(i)
+        for i in range(self.num_supernodes):
+            self.start_node(i)
+        self.wait_online(self.num_supernodes)
 
     def register(self, public_key: Path, name: str) -> int:
         """``flwr supernode register``: only registered keys may join the federation."""
@@ -167,8 +197,8 @@ class LocalDeployment:
         home = self.node_dir(i)
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "device-worker.log", "ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "client_app.device_worker",
-                                     "--state-dir", str(home / "state")],
+            proc = subprocess.Popen(self._in(i, [sys.executable, "-m", "client_app.device_worker",
+                                                 "--state-dir", str(home / "state")]),
                                     env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                                     stdout=log_file, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -191,7 +221,7 @@ class LocalDeployment:
                 time.sleep(0.5)
 
     def node_command(self, i: int, private_key: Path | None = None) -> list[str]:
-        cmd = [str(self.bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        cmd = [str(self.bin_dir / "flower-supernode"), "--superlink", self.superlink_address(i),
                "--port", str(free_port()), "--node-config", self.node_config(i)]
         if self.insecure:
             return cmd + ["--insecure"]
@@ -204,7 +234,7 @@ class LocalDeployment:
         home = self.node_dir(i)
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "supernode.log", "ab") as log_file:
-            proc = subprocess.Popen(self.node_command(i, private_key),
+            proc = subprocess.Popen(self._in(i, self.node_command(i, private_key)),
                                     env={**self.env, "FLWR_HOME": str(home)}, stdout=log_file,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes[i] = proc
@@ -271,6 +301,7 @@ class LocalDeployment:
             path.write_text(tomli_w.dumps(run_config))
             cmd += ["--run-config", str(path)]
         print("+", " ".join(cmd), flush=True)
+        cmd = self._in("link", cmd)
         if log_path is None:
             return subprocess.Popen(cmd, env=self._cli_env(), cwd=ROOT)
         with open(log_path, "ab") as log_file:
@@ -303,6 +334,8 @@ class LocalDeployment:
         if self.link is not None:
             stop(self.link)
             self.link = None
+        if self.lab is not None:
+            self.lab.__exit__()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,8 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-worker", action="store_true",
                         help="one warm fedgen-device worker per node (node config device-worker): "
                              "messages skip the torch/peft import and backbone load")
+    parser.add_argument("--links", default="",
+                        help="comma-separated link profile per node (wifi, lte, weak, none; a shorter "
+                             "list repeats its last): every node on its own host and shaped link (root)")
+    parser.add_argument("--memory-cap", action="append", default=[], metavar="I=GIB",
+                        help="node I's processes under a memory cap of GIB GiB, as a small board (root)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the run")
     args = parser.parse_args(argv)
+    try:
+        memory_caps = {int(i): int(float(gib) * 2**30)
+                       for i, gib in (item.split("=") for item in args.memory_cap)}
+    except ValueError:
+        parser.error(f"--memory-cap takes I=GIB, e.g. 2=2.0, not {args.memory_cap}")
     if args.data_path and len(args.data_path) != args.num_supernodes:
         parser.error("give one --data-path per SuperNode")
     name = next((Path(i).stem for i in args.run_config if i.endswith(".toml")), "default")
@@ -333,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.time()
     with LocalDeployment(args.work_dir, args.num_supernodes, args.insecure, args.data_path,
-                         args.host, args.device_worker) as deployment:
+                         args.host, args.device_worker, [x for x in args.links.split(",") if x],
+                         memory_caps) as deployment:
         print(f"SuperLink on 127.0.0.1:{deployment.port} and {args.num_supernodes} SuperNodes "
               f"online ({'INSECURE' if args.insecure else 'TLS + node authentication'}) "
               f"after {time.time() - t0:.1f}s", flush=True)

@@ -149,15 +149,28 @@ def test_supernode_killed_mid_round_rejoins_with_its_personal_adapter(tmp_path):
 def test_three_supernodes_with_warm_device_workers_run_two_rounds(tmp_path):
     """Each SuperNode forwards its messages to its own fedgen-device worker (node config
     device-worker): the ClientApp processes import no torch, the workers train and keep the
-    personal adapters in the nodes' state folders, and every process is stopped afterwards."""
+    personal adapters in the nodes' state folders, and every process is stopped afterwards.
+    As root, every device is its own host (network namespace) behind a shaped link (wifi, lte,
+    weak), TLS and node auth run over the links, and node 2 runs under a 2 GiB memory cap as a
+    small board; then no namespace or cgroup of the lab is left either."""
+    from netlab import lab_available, lab_leftovers
+
     work = tmp_path / "deploy"
+    cap = 2 * 2**30
+    lab = {} if lab_available() else {"links": ["wifi", "lte", "weak"], "memory_caps": {2: cap}}
     t0 = time.time()
-    with LocalDeployment(work, num_supernodes=3, device_workers=True) as dep:
+    with LocalDeployment(work, num_supernodes=3, device_workers=True, **lab) as dep:
         workers = dict(dep.workers)
         started = time.time()
         code = dep.run(_run_config(tmp_path, "server.evaluate-every=2"), timeout=900)
         print(f"deployment up in {started - t0:.1f}s, run {time.time() - started:.1f}s")
+        if lab:
+            assert [dep.superlink_address(i).split(":")[0] for i in range(3)] == dep.lab.server_ips()
+            peak, tag = dep.lab.peak_memory(2), dep.lab.tag
     assert not _processes_under(work), "every process started is stopped"
+    if lab:
+        assert not [x for x in lab_leftovers() if f"fge{tag}-" in x], "every namespace and cgroup is removed"
+        assert 0 < peak <= cap  # the capped board's worker and SuperNode really ran inside the group
     assert all(proc.poll() is not None for proc in workers.values()), "the workers are stopped"
     assert code == 0
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,6 +78,49 @@ def test_node_blocks_are_cached_in_the_state_folder(tiny_cfg, tmp_path):
     assert len(list((tmp_path / "state" / "blocks").glob("*.pt"))) == 1
     again = node_data(tiny_cfg, node)
     assert torch.equal(again[0], train) and torch.equal(again[1], test)
+
+
+def _image_folder(folder: Path, per_class: int = 12) -> Path:
+    """An ImageFolder of Fashion-MNIST-like PNGs: class folders by name and by index."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("sneaker", "3"):  # class 7 by name, class 3 (dress) by index
+        (folder / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8)).save(folder / cls / f"{i}.png")
+    (folder / "sneaker" / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_own_images_are_class_folders_split_by_hash_and_cached(tmp_path, monkeypatch):
+    from task.image import data as image_data
+
+    cfg = RunConfig.from_run_config({"task": "image", "data.dataset": "fashion-mnist", "seed": 3,
+                                     "cache-dir": str(tmp_path / "cache")})
+    folder = _image_folder(tmp_path / "images")
+    node = NodeConfig.from_node_config({"data-path": str(folder), "state-dir": str(tmp_path / "state")})
+    train, test = node_data(cfg, node)
+    assert train.shape[1] == test.shape[1] == 1 + 32 * 32 and len(train) + len(test) == 24
+    assert 1 <= len(test) < 12  # about data.test-fraction = 0.2 of 24
+    images, labels = image_data.unpack_rows(torch.cat([train, test]), channels=1)
+    assert sorted(set(labels.tolist())) == [3, 7]
+    assert images[:, :, :2].eq(-1).all() and images[:, :, :, -2:].eq(-1).all()  # the 2-pixel black border
+    # decoded once: the second call reads the state folder's cache
+    monkeypatch.setattr(image_data, "local_image_rows", lambda *a: pytest.fail("decoded again"))
+    again = node_data(cfg, node)
+    assert torch.equal(again[0], train) and torch.equal(again[1], test)
+    monkeypatch.undo()
+    # a new image moves none of the others between train and test
+    from PIL import Image
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(folder / "3" / "new.png")
+    train2, test2 = image_data.local_image_rows(cfg, str(folder))
+    assert len(train2) + len(test2) == 25 and {tuple(r) for r in test.tolist()} <= {tuple(r) for r in test2.tolist()}
+    (folder / "socks").mkdir()
+    (folder / "socks" / "a.png").write_bytes((folder / "3" / "new.png").read_bytes())
+    with pytest.raises(ValueError, match="class folder 'socks'"):
+        image_data.local_image_rows(cfg, str(folder))
 
 
 def test_personal_adapter_lives_in_the_node_state_and_survives_an_interrupted_save(tiny_cfg, tmp_path):

@@ -25,7 +25,7 @@ CAPABILITIES = TaskCapabilities(
     linear_lora=False,
     # the backdoor is a text trigger; scaling and sign flips work on any adapter
     attacks=("none", "scaled", "sign-flip"),
-    precisions=("fp32",), own_files=False, gradient_checkpointing=False)
+    precisions=("fp32",), own_files=True, gradient_checkpointing=False)
 
 
 class ImageGeneration:
@@ -65,7 +65,7 @@ class ImageGeneration:
         return data.client_image_rows(cfg, partition_id, num_partitions)
 
     def own_data(self, cfg, data_path: str, cache_folder):
-        raise ValueError("the image task trains on partitions only (no node-config data-path)")
+        return data.own_image_rows(cfg, data_path, cache_folder)
 
     def partition_stats(self, cfg, num_partitions: int) -> dict:
         """How non-IID the partition is in classes (task/partition_stats.py)."""

@@ -20,6 +20,7 @@ centralized baseline treat it exactly like the text task's token blocks (len, in
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from task.config import ImageConfig, RunConfig
+from task.disk_cache import cached_blocks
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SIZE = 32
@@ -213,3 +215,81 @@ def global_test_rows(cfg: RunConfig) -> torch.Tensor:
     data = load_images(cfg)
     order = np.random.default_rng(cfg.seed).permutation(len(data.test_labels))[:cfg.image.fid_images]
     return pack_rows(data.test_images[order], data.test_labels[order])
+
+
+
+# --------------------------------------------------------------------------- a device's own images
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DATASET_CLASSES = {"fashion-mnist": FASHION_CLASSES, "cifar10": CIFAR10_CLASSES}
+
+
+def _image_files(root: Path, dataset: str) -> list[tuple[int, Path]]:
+    """(label, file) of every image in an ImageFolder layout: ``root/<class>/...`` where <class>
+    is one of the dataset's class names or its index (e.g. ``sneaker`` or ``7``)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data-path {root} is not a folder")
+    names = DATASET_CLASSES[dataset]
+    files = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        if folder.name in names:
+            label = names.index(folder.name)
+        elif folder.name.isdigit() and int(folder.name) < len(names):
+            label = int(folder.name)
+        else:
+            raise ValueError(f"data-path {root}: class folder {folder.name!r} is neither a class of "
+                             f"{dataset!r} ({', '.join(names)}) nor its index 0-{len(names) - 1}")
+        files += [(label, f) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"data-path {root} holds no class folders of PNG/JPEG images "
+                                "(root/<class name or index>/*.png)")
+    return files
+
+
+def _read_image(path: Path, dataset: str) -> np.ndarray:
+    """One image file as the dataset's (C, 32, 32) uint8 example: Fashion-MNIST's grayscale
+    28x28 with the 2-pixel black border of the federation's data, CIFAR-10's RGB 32x32."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if dataset == "fashion-mnist":
+            pixels = np.asarray(img.convert("L").resize((28, 28), Image.BILINEAR))
+            return np.pad(pixels, 2)[None]
+        return np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+def local_image_rows(cfg: RunConfig, data_path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train rows, local-test rows) of a device's own images (``data-path``: class folders).
+
+    An image goes to the local test set when a hash of (seed, its path under data-path) falls
+    below ``test-fraction``, as the text task's documents do: deterministic, and adding an image
+    never moves the others between train and test. Both sets get at least one image.
+    """
+    root = Path(data_path).expanduser()
+    files = _image_files(root, cfg.data.dataset)
+    train, test = [], []
+    for label, file in files:
+        digest = hashlib.sha1(f"{cfg.seed}:{file.relative_to(root)}".encode()).digest()
+        bucket = test if int.from_bytes(digest[:8], "big") / 2**64 < cfg.data.test_fraction else train
+        bucket.append((label, file))
+    if not train and len(test) > 1:
+        train.append(test.pop())
+    if not test and len(train) > 1:
+        test.append(train.pop())
+    if not train or not test:
+        raise ValueError(f"data-path {root}: {len(files)} image(s); need at least two")
+
+    def rows(items):
+        return pack_rows(np.stack([_read_image(f, cfg.data.dataset) for _, f in items]),
+                         np.array([label for label, _ in items], dtype=np.int64))
+
+    return rows(train), rows(test)
+
+
+def own_image_rows(cfg: RunConfig, data_path: str, cache_folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """local_image_rows, decoded once into ``cache_folder`` (again when an image is added,
+    removed or changed)."""
+    root = Path(data_path).expanduser()
+    files = [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns)
+             for _, f in _image_files(root, cfg.data.dataset)]
+    key = ["images", str(root), files, cfg.data.dataset, cfg.seed, cfg.data.test_fraction]
+    return cached_blocks(cache_folder, key, lambda: local_image_rows(cfg, data_path))

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from task.disk_cache import cached_blocks
 from task.config import RunConfig
 from task.lm.model import load_tokenizer
 from task.progress import ticker
@@ -397,20 +398,6 @@ def local_text_blocks(cfg: RunConfig, data_path: str) -> tuple[torch.Tensor, tor
     train, test = local_text_docs(cfg, data_path)
     tokenizer = load_tokenizer(cfg)
     return token_blocks(tokenizer, train, cfg.train.seq_len), token_blocks(tokenizer, test, cfg.train.seq_len)
-
-
-def cached_blocks(folder: Path, key: list, build) -> tuple[torch.Tensor, torch.Tensor]:
-    """``build()`` once, then read back from ``folder`` (a fresh ClientApp process per message
-    in deployment would otherwise re-partition and re-tokenize every time)."""
-    path = folder / f"{hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]}.pt"
-    if path.exists():
-        return tuple(torch.load(path))
-    blocks = build()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(blocks, tmp)
-    tmp.replace(path)
-    return blocks
 
 
 def own_blocks(cfg: RunConfig, data_path: str, cache_folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
