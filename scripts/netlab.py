@@ -224,8 +224,15 @@ class NetworkLab:
         raise TimeoutError(f"{host}:{port} not reachable from {where!r} after {timeout}s")
 
     def peak_memory(self, i: int) -> int:
-        """Peak bytes of device i's memory cgroup (its processes' RSS and page cache)."""
+        """Peak bytes of device i's memory cgroup (its processes' RSS and page cache: at a cap,
+        the page cache fills it up to the cap; see resident_memory for the processes' own)."""
         return int((self.cgroup(i) / "memory.max_usage_in_bytes").read_text())
+
+    def resident_memory(self, i: int) -> int:
+        """Bytes device i's processes hold now, page cache excluded (``total_rss`` +
+        ``total_mapped_file`` of its cgroup's memory.stat: anonymous memory and mapped files)."""
+        stat = dict(line.split() for line in (self.cgroup(i) / "memory.stat").read_text().splitlines())
+        return int(stat["total_rss"]) + int(stat["total_mapped_file"])
 
 
 # A receiver that accepts one connection, reads to EOF and prints the byte count; a sender that

@@ -44,8 +44,41 @@ from task.results import RunRecorder, released_rounds, restore_rounds, resume_po
 app = ServerApp()
 
 
+# Seconds between the ServerApp's pulls for replies: Flower's deployment grid sleeps 3 s between
+# pulls (superlink/grid/http_grid.py), a fixed cost per phase and round on a device; its
+# in-memory (simulation) grid polls every 0.1 s. A pull is one local gRPC call.
+REPLY_POLL_S = 0.1
+
+
+class PromptGrid:
+    """The run's Grid, answering ``send_and_receive`` as soon as the replies are in (polled
+    every REPLY_POLL_S); everything else is the grid's own."""
+
+    def __init__(self, grid: Grid, poll_s: float = REPLY_POLL_S) -> None:
+        self._grid, self._poll_s = grid, poll_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None, on_reply=None) -> list[Message]:
+        """Flower's semantics (every reply, or what came before ``timeout``; None waits for
+        all); ``on_reply(reply)`` runs as each one arrives."""
+        pending = set(self._grid.push_messages(messages))
+        replies, deadline = [], None if timeout is None else time.time() + timeout
+        while pending and (deadline is None or time.time() < deadline):
+            for reply in self._grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+                if on_reply is not None:
+                    on_reply(reply)
+            if pending:
+                time.sleep(self._poll_s)
+        return replies
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    grid = PromptGrid(grid)
     cfg = RunConfig.from_run_config(context.run_config)  # a bad key or value stops here
     task, entry = check_run(cfg)  # so does an option the task or strategy cannot honour
     cfg = cfg.for_run(context.run_id)  # output-dir: this run's own folder (or resume's)
@@ -271,21 +304,16 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
 
 
 def _send_and_receive_with_progress(grid: Grid, messages: list[Message], timeout: float,
-                                    progress: Progress, poll_s: float = 1.0) -> list[Message]:
+                                    progress: Progress) -> list[Message]:
     """``grid.send_and_receive``, counting the replies that did work (an error, or a
     ``num-examples`` > 0) as they come, so a long phase shows how far it is."""
-    pending = set(grid.push_messages(messages))
-    replies, deadline = [], time.time() + timeout
-    while pending and time.time() < deadline:
-        for reply in grid.pull_messages(pending):
-            pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-            metrics = [] if reply.has_error() else list(reply.content.metric_records.values())
-            if reply.has_error() or any(m.get("num-examples", 0) > 0 for m in metrics):
-                progress.update()
-        if pending:
-            time.sleep(poll_s)
-    return replies
+    def count(reply: Message) -> None:
+        metrics = [] if reply.has_error() else list(reply.content.metric_records.values())
+        if reply.has_error() or any(m.get("num-examples", 0) > 0 for m in metrics):
+            progress.update()
+
+    grid = grid if isinstance(grid, PromptGrid) else PromptGrid(grid)
+    return grid.send_and_receive(messages, timeout=timeout, on_reply=count)
 
 
 def _centralized_personalize(cfg: RunConfig, task, model, load, state, num_clients: int,
