@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from simulate import LocalSuperLink  # noqa: E402
+from simulate import LocalSuperLink, merge_run_config  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 from task.config import RunConfig  # noqa: E402
@@ -456,11 +456,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="also run fedavg-lora at data.dirichlet-alpha 0.1 / 0.5 / 1.0 and the role "
                              "partition, with each partition's statistics and personalization gain")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config value for every run of the suite (repeatable), e.g. "
+                             "data.partitioner=role; use its own --out")
     args = parser.parse_args(argv)
+    args.size = args.size or "quick"
+    if args.set:  # checked like any run config: a wrong key or value stops here, naming it
+        overrides = merge_run_config([" ".join(args.set)])
+        RunConfig.from_run_config({**SIZES[args.size]["config"], **overrides})
+        SIZES[args.size]["config"].update(overrides)
     selection = {"methods": args.methods.split(",") if args.methods else None,
                  "ablations": args.ablations, "rank_mix": args.rank_mix, "sweep": args.sweep,
                  "seeds": [int(x) for x in args.seeds.split(",")] if args.seeds else None}
-    args.size = args.size or "quick"
     selection["seeds"] = selection["seeds"] or SIZES[args.size].get("seeds")
     # SIGTERM must still stop the suite's SuperLink and everything under it.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
