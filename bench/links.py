@@ -19,7 +19,9 @@ For each method's payload (fedavg-lora with the fp32 and the int8 uplink, fedavg
 
 Writes ``<out>.json`` (every raw figure) and ``<out>.md`` (the tables). Needs root (namespaces).
 ``--curves-only`` keeps the measured figures of an existing ``<out>.json`` and recomputes only
-the time-to-target table from ``--curves`` (e.g. once a suite run has finished).
+the time-to-target table from ``--curves`` (e.g. once a suite run has finished);
+``--compute-only`` keeps its payloads and transfers and times the compute again (e.g. on a quiet
+machine: a neighbour's load inflates compute, not the link-bound transfers).
 """
 
 from __future__ import annotations
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "deploy" / "links")
     parser.add_argument("--curves-only", action="store_true",
                         help="recompute the time-to-target table of an existing <out>.json")
+    parser.add_argument("--compute-only", action="store_true",
+                        help="time the compute again, keeping an existing <out>.json's transfers")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # leave the lab's namespaces clean
     curves = {}
@@ -188,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         add_targets(res, curves, args)
         return write(res, args.out)
     why = lab_available()
-    if why:
+    if why and not args.compute_only:
         raise SystemExit(f"bench.links {why}")
     profiles = args.profiles.split(",")
     overrides = {"model.name": args.backbone}
@@ -197,15 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         overrides.update({"train.max-steps": 2, "train.batch-size": 8, "train.seq-len": 32})
     cfg = RunConfig.from_run_config(overrides)
+    previous = json.loads(args.out.with_suffix(".json").read_text()) if args.compute_only else None
     print("payloads ...", flush=True)
-    sizes = payload_bytes(cfg)
+    sizes = ({m: {"down": r["down_bytes"], "up": r["up_bytes"]} for m, r in previous["methods"].items()}
+             if previous else payload_bytes(cfg))
     print("compute ...", flush=True)
     compute = {m: compute_seconds(cfg, full, args.repeats) for m, (_, _, full) in METHODS.items()
                if m != "fedavg-lora int8 uplink"}
     compute["fedavg-lora int8 uplink"] = compute["fedavg-lora fp32"]
     load = os.getloadavg()[0]  # a neighbour's load inflates compute (not the link-bound transfers)
     print(f"  {compute}\ntransfers ...", flush=True)
-    links = transfers(sizes, profiles)
+    if previous:
+        profiles = previous["profiles"]
+    links = ({m: r["links"] for m, r in previous["methods"].items()} if previous
+             else transfers(sizes, profiles))
     res = {"backbone": args.backbone, "profiles": profiles, "repeats": args.repeats,
            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, load average {load:.1f} "
