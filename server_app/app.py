@@ -205,7 +205,7 @@ def main(grid: Grid, context: Context) -> None:
                                            if r or not start_round else None))
         final_arrays = result.arrays if len(result.arrays) else initial_arrays
         final_state = final_arrays.to_torch_state_dict()
-        personal_rows = _personalize(cfg, grid, final_arrays)
+        personal_rows = _personalize(cfg, grid, final_arrays, task)
 
     if not full:
         save_adapter(lora_model, out / "global-adapter",
@@ -272,14 +272,31 @@ def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:
     return partition
 
 
-def personalization_partitions(cfg: RunConfig, num_clients: int) -> list[int]:
+def personalization_partitions(cfg: RunConfig, num_clients: int, task=None) -> list[int]:
     """The clients of the personalization protocol: a seeded sample of partition ids, the same
-    in every run of a suite (node ids are not: they are drawn anew each run)."""
+    in every run of a suite (node ids are not: they are drawn anew each run). With ``task``,
+    only partitions the protocol can measure count: a local test to score and at least two
+    training rows (one to fit, one to validate); an unusable draw is replaced by the next
+    partition in the same seeded order, so a small role or label partition does not shrink
+    the protocol below ``server.personalize-clients``."""
     k = min(cfg.server.personalize_clients, num_clients)
-    return sorted(random.Random(cfg.seed).sample(range(num_clients), k))
+    rng = random.Random(cfg.seed)
+    first = rng.sample(range(num_clients), k)
+    if task is None:
+        return sorted(first)
+    rest = [pid for pid in range(num_clients) if pid not in set(first)]
+    rng.shuffle(rest)
+    chosen = []
+    for pid in first + rest:
+        if len(chosen) == k:
+            break
+        train_data, test = task.client_data(cfg, pid, num_clients)
+        if len(test) and len(train_data) >= 2:
+            chosen.append(pid)
+    return sorted(chosen)
 
 
-def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[dict]:
+def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord, task=None) -> list[dict]:
     """Paper 4.4.3, made safe: the sampled clients run the personalization protocol
     (task/personalization.py) from the final model and report the local-test figures of the
     global and of the personalized model, and what the protocol chose. Only the chosen
@@ -288,7 +305,7 @@ def _personalize(cfg: RunConfig, grid: Grid, final_arrays: ArrayRecord) -> list[
     if not cfg.server.personalize_clients:
         return []
     partition = node_partitions(grid, cfg.server.round_timeout)
-    chosen = personalization_partitions(cfg, len(list(grid.get_node_ids())))
+    chosen = personalization_partitions(cfg, len(list(grid.get_node_ids())), task)
     nodes = sorted(n for n, pid in partition.items() if pid in chosen)
     record = RecordDict({"arrays": final_arrays, "config": ConfigRecord({
         "personalize": True, "personalize-partitions": ",".join(map(str, chosen)),
@@ -321,7 +338,7 @@ def _centralized_personalize(cfg: RunConfig, task, model, load, state, num_clien
     """The pooled model under the same personalization protocol, on the data of the clients the
     protocol would sample (run here: a centralized baseline has no clients to ask)."""
     rows = []
-    for pid in personalization_partitions(cfg, num_clients):
+    for pid in personalization_partitions(cfg, num_clients, task):
         train_data, test = task.client_data(cfg, pid, num_clients)
         evaluate_model = task.evaluator(cfg, test, seed=cfg.seed + pid, scope="client")
         load(model, state)

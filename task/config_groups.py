@@ -43,7 +43,7 @@ class DataConfig:
     dataset: str = "shakespeare"
     partitioner: str = "lda-dirichlet"
     lda_topics: int = 10
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = 0.1
     chunk_words: int = 200
     vocab_size: int = 10000
     test_fraction: float = 0.2

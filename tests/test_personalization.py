@@ -202,3 +202,31 @@ def test_the_protocol_message_goes_only_to_the_chosen_clients(monkeypatch, tiny_
     chosen = server.personalization_partitions(cfg, 12)
     assert len(chosen) == 3
     assert sorted(nodes[node] for node in sent) == chosen
+
+
+def test_the_protocol_replaces_clients_it_cannot_measure(tiny_cfg):
+    """A role or label partition can leave a client without a local test (or with one training
+    row, nothing to validate on): the protocol takes the next partition in the same seeded
+    order instead, so it still measures server.personalize-clients clients, and the usable
+    draws of the plain sample are kept."""
+    from dataclasses import replace
+
+    import server_app.app as server
+
+    cfg = replace(tiny_cfg, server=replace(tiny_cfg.server, personalize_clients=5))
+    plain = server.personalization_partitions(cfg, 40)
+    unusable = set(plain[:2])
+
+    class Task:
+        def client_data(self, cfg, pid, num_partitions):
+            if pid == plain[0]:
+                return [1, 2, 3], []  # no local test
+            if pid == plain[1]:
+                return [1], [1]  # one training row: nothing to validate on
+            return [1, 2], [1]
+
+    chosen = server.personalization_partitions(cfg, 40, Task())
+    assert len(chosen) == 5
+    assert not unusable & set(chosen)
+    assert set(plain[2:]) <= set(chosen)
+    assert chosen == server.personalization_partitions(cfg, 40, Task())  # seeded

@@ -27,7 +27,9 @@ def test_sweep_plan_and_section(tmp_path):
     from suite import SWEEP, plan, sweep_section
 
     overrides = dict(plan("tiny", sweep=True))
-    assert overrides["sweep-alpha-0.1"] == {"strategy.name": "fedavg-lora", "data.dirichlet-alpha": 0.1}
+    # the alpha points are LDA-topic splits whatever the size's own partitioner (compare: role)
+    assert overrides["sweep-alpha-0.1"] == {"strategy.name": "fedavg-lora", "data.partitioner": "lda-dirichlet",
+                                            "data.dirichlet-alpha": 0.1}
     assert overrides["sweep-role"]["data.partitioner"] == "role"
     runs = {f"sweep-{name}": {
         "partition": {"labels_per_client": 2.0, "effective_labels": 1.5, "js_divergence_mean": 0.1 * i,
