@@ -21,6 +21,8 @@ with a fresh copy per round and fell with the kept one (docs/image/report.md).
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
 import math
@@ -52,29 +54,151 @@ log = logging.getLogger(__name__)
 
 PRETRAIN_BATCH = 64
 PRETRAIN_LR = 2e-4
-ADAM_BETAS = (0.5, 0.999)  # DCGAN's Adam setting
+ADAM_BETAS = (0.5, 0.999)  # DCGAN's Adam setting (SN-GAN's setting "B" for n_dis = 1)
+DIFFAUGMENT_POLICY = ("translation", "cutout")  # DiffAugment's policy for small data
+TRANSLATION_RATIO = 1 / 8  # shift of up to 1/8 of the image side (4 pixels at 32x32)
+CUTOUT_RATIO = 1 / 2       # a square of half the image side (16x16 at 32x32), zeroed
+EMA_DECAY = 0.999
+# What the cached backbone is trained with; its digest names the cache folder, so a backbone of
+# another recipe (e.g. version 1's BCE loss, BatchNorm discriminator, raw weights) is never loaded.
+RECIPE = {
+    "version": 2,
+    "loss": "hinge",
+    "discriminator": "projection, spectral norm on every weight layer, no BatchNorm",
+    "sn": True,
+    "diffaugment": ",".join(DIFFAUGMENT_POLICY),
+    "translation_ratio": TRANSLATION_RATIO,
+    "cutout_ratio": CUTOUT_RATIO,
+    "diffaugment_clients": True,
+    "ema_decay": EMA_DECAY,
+    "ema_warmup": "decay_t = min(ema_decay, (1 + t) / (10 + t))",
+    "generator_saved": "ema",
+    "lr": PRETRAIN_LR,
+    "betas": list(ADAM_BETAS),
+}
+
+
+def recipe_digest() -> str:
+    """Eight hex digits of the recipe (part of the cache folder name)."""
+    return hashlib.sha1(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def backbone_dir(cfg: RunConfig) -> Path:
-    name = (f"cdcgan-{cfg.data.dataset}-g{cfg.image.generator_width}-d{cfg.image.discriminator_width}"
+    name = (f"cdcgan-r{RECIPE['version']}-{recipe_digest()}-{cfg.data.dataset}"
+            f"-g{cfg.image.generator_width}-d{cfg.image.discriminator_width}"
             f"-steps{cfg.image.pretrain_steps}-public{cfg.image.pretrain_fraction:g}-seed{cfg.seed}")
     return cfg.cache_path / "backbones" / name
 
 
+# --------------------------------------------------------------------------- losses, DiffAugment, EMA
+def d_hinge_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's hinge loss: mean(relu(1 - D(x))) + mean(relu(1 + D(G(z))))."""
+    return F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+
+
+def g_hinge_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """The generator's hinge loss: -mean(D(G(z)))."""
+    return -d_fake.mean()
+
+
+def translate(x: torch.Tensor, shift_y: torch.Tensor, shift_x: torch.Tensor) -> torch.Tensor:
+    """Each image moved by its own integer shift, zeros filling in: out[b, :, i, j] =
+    x[b, :, i + shift_y[b], j + shift_x[b]] (0 outside). Differentiable in x (a gather)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    grid_b, grid_y, grid_x = torch.meshgrid(torch.arange(b, device=dev), torch.arange(h, device=dev),
+                                            torch.arange(w, device=dev), indexing="ij")
+    # indices into x padded by one zero pixel per side; clamping sends everything outside to it
+    grid_y = (grid_y + shift_y.to(dev).view(b, 1, 1) + 1).clamp(0, h + 1)
+    grid_x = (grid_x + shift_x.to(dev).view(b, 1, 1) + 1).clamp(0, w + 1)
+    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)
+    return padded[grid_b, grid_y, grid_x].permute(0, 3, 1, 2).contiguous()
+
+
+def cutout(x: torch.Tensor, center_y: torch.Tensor, center_x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Each image with a size[0] x size[1] rectangle (rows center - size // 2 on, clipped to the
+    image) set to 0. Differentiable in x (a mask product)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    grid_b, grid_y, grid_x = torch.meshgrid(torch.arange(b, device=dev), torch.arange(size[0], device=dev),
+                                            torch.arange(size[1], device=dev), indexing="ij")
+    grid_y = (grid_y + center_y.to(dev).view(b, 1, 1) - size[0] // 2).clamp(0, h - 1)
+    grid_x = (grid_x + center_x.to(dev).view(b, 1, 1) - size[1] // 2).clamp(0, w - 1)
+    mask = torch.ones(b, h, w, dtype=x.dtype, device=dev)
+    mask[grid_b, grid_y, grid_x] = 0
+    return x * mask.unsqueeze(1)
+
+
+class DiffAugment:
+    """Differentiable augmentation (Zhao et al., NeurIPS 2020), applied to real and fake images
+    alike before every discriminator call, so the discriminator never sees an unaugmented image
+    and cannot memorize the few it has, while the generator, whose fakes are augmented by the same
+    differentiable transforms, still learns the unaugmented distribution.
+
+    The paper's policy for small data, per image and independently drawn: ``translation`` by up
+    to 1/8 of the side in each direction (zero padding), then ``cutout`` of a square of half the
+    side at a uniform centre (clipped to the image), as in the authors' DiffAugment_pytorch.py.
+    Zero is the fill value of both, in the [-1, 1] pixel range (mid grey). Random offsets come
+    from the given torch.Generator (seeded: the same call sequence gives the same images).
+    """
+
+    def __init__(self, generator: torch.Generator, policy: tuple[str, ...] = DIFFAUGMENT_POLICY,
+                 translation_ratio: float = TRANSLATION_RATIO, cutout_ratio: float = CUTOUT_RATIO) -> None:
+        unknown = set(policy) - {"translation", "cutout"}
+        if unknown:
+            raise ValueError(f"unknown DiffAugment transform(s) {sorted(unknown)}")
+        self.generator, self.policy = generator, tuple(policy)
+        self.translation_ratio, self.cutout_ratio = translation_ratio, cutout_ratio
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        for name in self.policy:
+            if name == "translation":
+                sy, sx = int(h * self.translation_ratio + 0.5), int(w * self.translation_ratio + 0.5)
+                x = translate(x, torch.randint(-sy, sy + 1, (b,), generator=self.generator),
+                              torch.randint(-sx, sx + 1, (b,), generator=self.generator))
+            else:
+                size = (int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5))
+                x = cutout(x, torch.randint(0, h + 1 - size[0] % 2, (b,), generator=self.generator),
+                           torch.randint(0, w + 1 - size[1] % 2, (b,), generator=self.generator), size)
+        return x
+
+
+def ema_decay(step: int, decay: float = EMA_DECAY) -> float:
+    """The EMA's decay after ``step`` updates: min(decay, (1 + t) / (10 + t)), the warm-up of
+    TensorFlow's ExponentialMovingAverage, so a short run does not average in the random
+    initialization (0.999 from the first step would still weigh it 0.999^1500 = 22% after 1,500)."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers copied; the
+    generator has none: its BatchNorm keeps no running statistics)."""
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
 def gan_step(generator: nn.Module, discriminator: nn.Module, opt_g, opt_d, real: torch.Tensor,
              labels: torch.Tensor, noise: torch.Tensor, g_params: list[nn.Parameter],
-             penalty: Callable[[], torch.Tensor] | None = None) -> tuple[float, float]:
-    """One DCGAN step: the discriminator on real vs detached fakes, then the generator's
-    non-saturating loss against the updated discriminator. Returns (d loss, g loss)."""
+             penalty: Callable[[], torch.Tensor] | None = None,
+             augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float]:
+    """One hinge-loss GAN step (pre-training and clients' local training alike): the
+    discriminator on (augmented) real vs detached fakes, in one batch (it has no BatchNorm, so a
+    score does not depend on the batch), then the generator's hinge loss -D(G(z)) against the
+    updated discriminator, on freshly augmented fakes. ``augment``: DiffAugment (None: none).
+    Returns (d loss, g loss)."""
+    aug = augment if augment is not None else (lambda x: x)
     fake = generator(noise, labels)
-    d_real, d_fake = discriminator(real, labels), discriminator(fake.detach(), labels)
-    d_loss = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-              + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+    n = len(real)
+    d_out = discriminator(aug(torch.cat([real, fake.detach()])), torch.cat([labels, labels]))
+    d_loss = d_hinge_loss(d_out[:n], d_out[n:])
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
     opt_d.step()
-    g_out = discriminator(fake, labels)
-    g_loss = F.binary_cross_entropy_with_logits(g_out, torch.ones_like(g_out))
+    g_loss = g_hinge_loss(discriminator(aug(fake), labels))
     if not torch.isfinite(g_loss) or not torch.isfinite(d_loss):
         raise FloatingPointError(f"GAN loss is not finite (d {d_loss.item()}, g {g_loss.item()})")
     opt_g.zero_grad(set_to_none=True)
@@ -84,16 +208,36 @@ def gan_step(generator: nn.Module, discriminator: nn.Module, opt_g, opt_d, real:
 
 
 def pretrain(cfg: RunConfig) -> dict:
-    """Train the backbone on the public split and cache it; returns its cost record."""
+    """Train the backbone on the public split and cache it; returns its cost record.
+
+    The recipe (RECIPE): hinge loss, the spectrally normalized projection discriminator,
+    DiffAugment translation + cutout on every discriminator input, Adam 2e-4 (0.5, 0.999), batch
+    64, one discriminator step per generator step, an EMA of the generator's weights. Cached:
+    the EMA generator (``generator.pt``, the backbone), the trained discriminator
+    (``discriminator.pt``, the clients' starting critic), the raw generator
+    (``generator-raw.pt``, for comparison only; nothing loads it) and ``pretrain.json``.
+    Runs on ``image.torch-threads`` threads (as local training does), whichever caller."""
+    threads = torch.get_num_threads()
+    if cfg.image.torch_threads:
+        torch.set_num_threads(cfg.image.torch_threads)
+    try:
+        return _pretrain(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(cfg: RunConfig) -> dict:
     target = backbone_dir(cfg)
     data = load_images(cfg)
     rows = public_rows(cfg)
     torch.manual_seed(cfg.seed)
     generator = build_generator(cfg, data.num_classes, data.channels)
     discriminator = build_discriminator(cfg, data.num_classes, data.channels)
+    ema = copy.deepcopy(generator).requires_grad_(False)
     opt_g = torch.optim.Adam(generator.parameters(), lr=PRETRAIN_LR, betas=ADAM_BETAS)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=PRETRAIN_LR, betas=ADAM_BETAS)
     gen = torch.Generator().manual_seed(cfg.seed)
+    augment = DiffAugment(gen)
     log.info("pre-training the generator backbone on %d public images, %d steps", len(rows),
              cfg.image.pretrain_steps)
     t0 = time.time()
@@ -103,13 +247,20 @@ def pretrain(cfg: RunConfig) -> dict:
         real, labels = unpack_rows(batch, data.channels)
         noise = torch.randn(len(batch), NOISE_DIM, generator=gen)
         d_loss, g_loss = gan_step(generator, discriminator, opt_g, opt_d, real, labels, noise,
-                                  list(generator.parameters()))
+                                  list(generator.parameters()), augment=augment)
+        ema_update(ema, generator, ema_decay(step))
         progress.update(d_loss=f"{d_loss:.3f}", g_loss=f"{g_loss:.3f}")
+    seconds = time.time() - t0
     record = {"pretrain_steps": cfg.image.pretrain_steps, "pretrain_batch": PRETRAIN_BATCH,
-              "public_images": len(rows), "pretrain_s": round(time.time() - t0, 1),
+              "public_images": len(rows), "pretrain_s": round(seconds, 1),
+              "steps_per_s": round(cfg.image.pretrain_steps / max(seconds, 1e-9), 3),
+              "torch_threads": torch.get_num_threads(),
               "generator_params": sum(p.numel() for p in generator.parameters()),
-              "discriminator_params": sum(p.numel() for p in discriminator.parameters())}
-    save_module(generator, target / "generator.pt")
+              "discriminator_params": sum(p.numel() for p in discriminator.parameters()),
+              "final_d_loss": round(d_loss, 4), "final_g_loss": round(g_loss, 4),
+              "recipe": RECIPE, "recipe_digest": recipe_digest()}
+    save_module(ema, target / "generator.pt")
+    save_module(generator, target / "generator-raw.pt")
     save_module(discriminator, target / "discriminator.pt")
     tmp = target / f"pretrain.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2))
@@ -178,7 +329,18 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
                     after_step: Callable[[int], None] | None = None) -> float:
     """GAN training of the generator's trainable parameters (its adapter, or every weight for
     full fine-tuning) against a private discriminator copy: task.lm.train.train_local's contract
-    (same arguments, returns the mean generator loss)."""
+    (same arguments, returns the mean generator loss, here the hinge loss -D(G(z)), which may be
+    negative).
+
+    The pre-training recipe's gan_step, DiffAugment included. Why clients augment too: (1) the
+    discriminator they start from was pre-trained on augmented images only, and unaugmented
+    ones would be a shift of its input distribution at the first local step; (2) a client's
+    discriminator sees only its own one or two classes, a few dozen to a few thousand images
+    (Dirichlet 0.1 partitions, and the smaller validation-split shares of personalization), and,
+    kept between rounds, it sees them again every round: the small-data regime where a
+    discriminator memorizes its real images and its gradients stop helping the generator,
+    which DiffAugment was made for; (3) it costs two gathers and a mask per step. The
+    generator, whose fakes go through the same transforms, still learns unaugmented images."""
     generator = base_generator(model)
     params = [p for p in model.parameters() if p.requires_grad]
     discriminator = private_discriminator(generator)
@@ -186,6 +348,7 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=generator.discriminator_lr,
                              betas=ADAM_BETAS)
     gen = torch.Generator().manual_seed(seed)
+    augment = DiffAugment(gen)
     torch.manual_seed(seed)  # LoRA dropout
     model.train()
     losses: list[float] = []
@@ -199,7 +362,7 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
                 continue
             noise = torch.randn(len(real), NOISE_DIM, generator=gen)
             _, g_loss = gan_step(model, discriminator, opt_g, opt_d, real, labels, noise, params,
-                                 penalty)
+                                 penalty, augment)
             losses.append(g_loss)
             if after_step is not None:
                 after_step(len(losses))
