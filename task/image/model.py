@@ -3,13 +3,18 @@
 Generator (Radford et al., ICLR 2016, class-conditional): noise z and a one-hot label go
 through four transposed convolutions (1 -> 4 -> 8 -> 16 -> 32 pixels) and a 3x3 convolution to
 the image, tanh output in [-1, 1]. Discriminator: strided convolutions with a projection head
-(Miyato & Koyama, ICLR 2018): score = w . h + embed(y) . h. At the paper size
-(``image.generator-width`` 128, ``image.discriminator-width`` 64, CIFAR-10) they hold about 12.8M +
-1.8M = 14.6M parameters.
+(Miyato & Koyama, ICLR 2018): score = w . h + embed(y) . h, every weight layer (convolutions,
+head, embedding) spectrally normalized (Miyato et al., ICLR 2018: W / sigma_max(W), one power
+iteration per training forward, torch.nn.utils.parametrizations.spectral_norm) and no BatchNorm,
+as SN-GAN's discriminators: a 1-Lipschitz-bounded critic for the hinge loss, whose score of an
+image does not depend on the rest of its batch. At the paper size (``image.generator-width``
+128, ``image.discriminator-width`` 64, CIFAR-10) they hold about 12.8M + 1.8M = 14.6M parameters.
+How they are trained (hinge loss, DiffAugment, EMA generator): task/image/train.py.
 
-Normalization is BatchNorm without running statistics (it always normalizes with the batch):
-the frozen backbone then holds no buffers that training would silently change, and only adapter
-tensors ever differ between clients.
+The generator's normalization is BatchNorm without running statistics (it always normalizes
+with the batch): the frozen backbone then holds no buffers that training would silently change,
+only adapter tensors ever differ between clients, and an exponential moving average of its
+parameters is the whole of an averaged generator.
 
 LoRA: every convolution of the generator, transposed ones included, gets a rank-r update
 W + (alpha/r) * B A. peft supports Conv2d; for ConvTranspose2d this module adds
@@ -17,7 +22,10 @@ W + (alpha/r) * B A. peft supports Conv2d; for ConvTranspose2d this module adds
 generator is an ordinary PeftModel: adapters are saved in peft format, named adapters (Ditto)
 work, and the same adapter-state helpers as the text task apply.
 
-The discriminator is never federated: it belongs to the pre-training step (see task/image/train.py).
+The discriminator is never federated: it belongs to the pre-training step and, as each
+client's private copy, to local training (see task/image/train.py). Its spectral-norm
+parametrization keeps the power iteration's vectors u, v as buffers of its state dict, so a
+kept discriminator resumes with them.
 """
 
 from __future__ import annotations

@@ -4,8 +4,27 @@ Pre-training (the backbone): no pre-trained CIFAR/Fashion generator can be downl
 the server trains generator and discriminator from scratch on the public split (a seeded
 ``pretrain-fraction`` of the training images that no client holds) for ``pretrain-steps`` Adam
 steps, and caches both under ``<cache-dir>/backbones/`` with the cost (seconds, steps, images)
-in a JSON beside them. Every later run with the same settings loads the cache; the federated
-run freezes the generator and federates only LoRA adapters.
+and the recipe in a JSON beside them (``pretrain.json``). Every later run with the same
+settings loads the cache; the federated run freezes the generator and federates only LoRA
+adapters.
+
+The recipe (``RECIPE``; its digest is part of the cache folder's name, so a backbone of another
+recipe is never loaded), the one that makes GANs work on small data:
+- hinge loss (Lim & Ye 2017, "Geometric GAN"; Miyato et al., ICLR 2018): the discriminator
+  minimizes mean(relu(1 - D(x))) + mean(relu(1 + D(G(z)))), the generator -mean(D(G(z)));
+- a spectrally normalized projection discriminator without BatchNorm (Miyato et al., ICLR
+  2018; Miyato & Koyama, ICLR 2018; task/image/model.py);
+- DiffAugment (Zhao et al., NeurIPS 2020), the paper's small-data policy: translation by up to
+  1/8 of the side, then cutout of a square of half the side, drawn per image from a seeded
+  generator and applied to real and fake images alike before every discriminator call, in the
+  discriminator's step and in the generator's (differentiable, so the generator learns the
+  unaugmented images while the discriminator cannot memorize the few real ones);
+- an exponential moving average of the generator's weights (decay 0.999, warmed up as
+  min(0.999, (1 + t) / (10 + t)); Karras et al., ICLR 2018; Yazici et al., ICLR 2019): the
+  cached backbone is the EMA generator, the cached discriminator the trained one;
+- Adam 2e-4, betas (0.5, 0.999), batch 64, one discriminator step per generator step (the
+  SN-GAN paper's setting for n_dis = 1).
+Clients' local training uses the same gan_step, DiffAugment included (why: train_gan_local).
 
 The discriminator's fate: it is never federated. Each client trains a private discriminator
 next to the generator adapter; it starts as a copy of the pre-trained one and, with
