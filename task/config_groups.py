@@ -253,22 +253,37 @@ class SecAggConfig:
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """[image]: the image task's conditional DCGAN, its pre-training and FID (task/image/)."""
+    """[image]: the image task's conditional DCGAN, its pre-training and its scores (task/image/)."""
     generator_width: int = 32
     discriminator_width: int = 32
     discriminator_learning_rate: float = 2e-4
     keep_discriminator: bool = True
     pretrain_steps: int = 1500
     pretrain_fraction: float = 0.1
-    fid_images: int = 128
-    client_fid_images: int = 64
     torch_threads: int = 1
+    # scores (task/image/scores.py, classifier.py)
+    real_feature_images: int = 5000
+    fid_images: int = 2048
+    kid_images: int = 1000
+    round_kid_images: int = 200
+    client_kid_images: int = 100
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    accuracy_per_class: int = 100
+    classifier_steps: int = 3000
+    inception_bf16: bool = False
 
     def validate(self, need: Need) -> None:
         for key in ("generator_width", "discriminator_width", "pretrain_steps"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
-        for key in ("fid_images", "client_fid_images"):
-            need(getattr(self, key) >= 2, key, "must be >= 2")
+        need(self.fid_images >= 2, "fid_images", "must be >= 2")
+        need(self.real_feature_images >= 2 * self.fid_images, "real_feature_images",
+             f"must be >= 2 * image.fid-images ({2 * self.fid_images}): the FID floor compares "
+             "two disjoint real sets of fid-images")
+        for key in ("kid_images", "round_kid_images", "client_kid_images", "kid_subset_size"):
+            need(getattr(self, key) >= 4, key, "must be >= 4 (KID subsets of half of them, >= 2)")
+        for key in ("kid_subsets", "accuracy_per_class", "classifier_steps"):
+            need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.discriminator_learning_rate > 0, "discriminator_learning_rate", "must be > 0")
         need(0.0 < self.pretrain_fraction < 1.0, "pretrain_fraction", "must be in (0, 1)")
         need(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")

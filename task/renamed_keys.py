@@ -50,6 +50,8 @@ RENAMED = {
     "gan-discriminator-learning-rate": "image.discriminator-learning-rate",
     "gan-keep-discriminator": "image.keep-discriminator",
     "pretrain-steps": "image.pretrain-steps", "pretrain-fraction": "image.pretrain-fraction",
-    "fid-images": "image.fid-images", "client-fid-images": "image.client-fid-images",
+    "fid-images": "image.fid-images", "client-fid-images": "image.client-kid-images",
     "image-torch-threads": "image.torch-threads",
+    # 2026-12, issue 16: a client's score is KID (FID from a client's few images means little)
+    "image.client-fid-images": "image.client-kid-images",
 }

@@ -1,4 +1,4 @@
-"""The image task: LoRA on (transposed) convolutions, only adapters train, data splits, FID."""
+"""The image task: LoRA on (transposed) convolutions, only adapters train, data splits, Inception FID."""
 
 from __future__ import annotations
 
@@ -132,28 +132,32 @@ def test_public_split_is_disjoint_and_dirichlet_skews_labels(tmp_path):
     assert set(y.tolist()) <= set(labels[parts[3]].tolist()) and len(test) >= 1
 
 
-def test_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_frechet():
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    from task.image.fid import FidEvaluator, InceptionFeatures
+def test_inception_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches_direct_frechet():
+    from task.image.fid import InceptionFeatures
+    from task.image.scores import fid
 
     data = load_images(image_cfg(Path("/tmp")))
     torch.set_num_threads(1)  # InceptionV3 at 299 px on a shared CPU: one thread waits least
     real = torch.from_numpy(data.test_images[:8])
     shifted = (real.int() // 2 + 100).to(torch.uint8)  # lower contrast, lighter
-    evaluator = FidEvaluator(real)
-    same, moved = evaluator.score(real), evaluator.score(shifted)
+    feats = InceptionFeatures()
+    f1, f2 = feats(real), feats(shifted)
+    assert f1.shape == (8, 2048) and feats.extractor_id == "inceptionv3-pool3-fp32"
+    same, moved = fid(f1, f1), fid(f1, f2)
     assert abs(same) < 1e-2 * moved and moved > 1.0
 
-    # Direct Frechet distance on the same InceptionV3 features (numpy, float64).
-    feats = InceptionFeatures()
-    f1, f2 = feats(real).double().numpy(), feats(shifted).double().numpy()
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    # Direct Frechet distance on the same InceptionV3 features (numpy, float64, eigvals of S1 S2).
+    a, b = f1.double().numpy(), f2.double().numpy()
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     eig = np.linalg.eigvals(s1 @ s2)
-    direct = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.real.clip(0)).sum()
+    direct = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(eig.real.clip(0)).sum()
     assert moved == pytest.approx(direct, rel=1e-3)
-    assert isinstance(evaluator.metric, FrechetInceptionDistance) and feats.num_features == 2048
+
+    # bf16 autocast: other features, within a few percent (task/image/fid.py's measurement)
+    bf16 = InceptionFeatures(bf16=True)
+    f1_bf16 = bf16(real)
+    assert bf16.extractor_id == "inceptionv3-pool3-bf16" and f1_bf16.dtype == torch.float32
+    assert 0 < float((f1_bf16 - f1).norm() / f1.norm()) < 0.08
 
 
 @pytest.mark.parametrize("strategy", ["fedavg-lora", "fedper", "ditto", "local-only", "fedprox",

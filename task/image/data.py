@@ -10,7 +10,8 @@ Splits, all seeded: ``pretrain-fraction`` of the training images is the public s
 pre-trains the backbone on (no client holds it); the rest is split over the clients by label
 with flwr-datasets' DirichletPartitioner (``dirichlet-alpha``; 0.1 gives each client one or two
 classes) or IidPartitioner. Each client keeps ``test-fraction`` of its images as its local test
-set. The dataset's test split is the server's global test set.
+set. The dataset's test split is the server's real reference for KID and FID (no client
+trains on it; global_test_rows).
 
 An image example is one uint8 row ``[label, pixels...]`` (C*32*32 pixels, CHW order, like the
 label-then-pixels CSV form of MNIST), so a client's data is one tensor: the strategies and the
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from task.config import ImageConfig, RunConfig
+from task.config import ConfigError, ImageConfig, RunConfig
 from task.disk_cache import cached_blocks
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -126,8 +127,7 @@ def _split_key(cfg: RunConfig) -> RunConfig:
     """The config reduced to what the splits depend on (so runs and tests that differ in
     anything else, e.g. the strategy, share the cached partitions)."""
     return RunConfig(task=cfg.task, seed=cfg.seed, cache_dir=str(cfg.cache_path), data=cfg.data,
-                     image=ImageConfig(pretrain_fraction=cfg.image.pretrain_fraction,
-                                       fid_images=cfg.image.fid_images))
+                     image=ImageConfig(pretrain_fraction=cfg.image.pretrain_fraction))
 
 
 # --------------------------------------------------------------------------- rows
@@ -209,13 +209,33 @@ def public_rows(cfg: RunConfig) -> torch.Tensor:
     return pack_rows(data.train_images[public], data.train_labels[public])
 
 
+def balanced_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded order of the images in which the classes take turns (the first image of every
+    class in a random permutation, then the second of every class, ...), so every prefix is
+    class-balanced (to within one image per class while every class has images left)."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # how many images of its class come before it
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))
+    return order[np.argsort(rank[order], kind="stable")]
+
+
+REFERENCE_SEED = 0  # the real reference does not change with the run's seed: scores compare
+
+
 @lru_cache(maxsize=4)
 def global_test_rows(cfg: RunConfig) -> torch.Tensor:
-    """The server's FID reference: ``image.fid-images`` test images, a seeded sample of the test split."""
+    """The server's real reference for KID and FID: ``image.real-feature-images`` images of the
+    test split (no client trains on it), class-balanced, in a fixed seeded order
+    (:func:`balanced_order`): the same images for every run, so their cached features serve all."""
     data = load_images(cfg)
-    order = np.random.default_rng(cfg.seed).permutation(len(data.test_labels))[:cfg.image.fid_images]
+    n = cfg.image.real_feature_images
+    if n > len(data.test_labels):
+        raise ConfigError(f"run-config key 'image.real-feature-images' = {n}: the test split of "
+                          f"{cfg.data.dataset!r} has only {len(data.test_labels)} images")
+    order = balanced_order(data.test_labels, REFERENCE_SEED)[:n]
     return pack_rows(data.test_images[order], data.test_labels[order])
-
 
 
 # --------------------------------------------------------------------------- a device's own images

@@ -58,7 +58,7 @@ from torch import nn
 
 from task.config import RunConfig
 from task.image.data import load_images, public_rows, unpack_rows
-from task.image.fid import FidEvaluator, to_uint8
+from task.image.fid import to_uint8
 from task.image.model import (
     NOISE_DIM,
     ConditionalDiscriminator,
@@ -396,7 +396,7 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
     return sum(losses) / len(losses)
 
 
-# --------------------------------------------------------------------------- sampling / FID
+# --------------------------------------------------------------------------- sampling (scores: scores.py)
 @torch.no_grad()
 def generate(model: nn.Module, labels: torch.Tensor, seed: int, batch_size: int = 128) -> torch.Tensor:
     """uint8 images for the given labels from fixed, seeded noise (the same every round)."""
@@ -412,19 +412,6 @@ def real_uint8(rows: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.T
     return rows[:, 1:].reshape(len(rows), channels, 32, 32).contiguous(), rows[:, 0].long()
 
 
-class RowsFid:
-    """FID of a model's samples against a fixed set of real rows, with the rows' own labels
-    (so a client's FID is on its own classes, in its own class proportions)."""
-
-    def __init__(self, rows: torch.Tensor, channels: int, seed: int) -> None:
-        real, self.labels = real_uint8(rows, channels)
-        self.evaluator = FidEvaluator(real)
-        self.seed = seed
-
-    def __call__(self, model: nn.Module) -> float:
-        return self.evaluator.score(generate(model, self.labels, self.seed))
-
-
 def save_grid(model: nn.Module, num_classes: int, path: Path, per_class: int = 10,
               seed: int = 0) -> None:
     """A PNG with one row per class (fixed noise, so grids of different rounds compare)."""
@@ -434,20 +421,3 @@ def save_grid(model: nn.Module, num_classes: int, path: Path, per_class: int = 1
     images = generate(model, labels, seed).float() / 255.0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, str(path), nrow=per_class, padding=2)
-
-
-def summarize_client_fids(rows: list[dict]) -> dict:
-    """Image-weighted mean client FIDs (the image task's counterpart of client perplexities).
-
-    ``local_global_fid``: the global generator on every evaluated client's own test images;
-    ``personalized_fid`` / ``personalized_global_fid``: personal vs global generator on the
-    clients that hold a personal adapter (same clients, same images).
-    """
-    def mean(rs: list[dict], which: str) -> float:
-        n = sum(r["image.fid-images"] for r in rs)
-        return sum(r[f"{which}-fid"] * r["image.fid-images"] for r in rs) / n if n else math.nan
-
-    personal = [r for r in rows if r.get("has-personal", 0) > 0]
-    return {"local_global_fid": mean(rows, "global"), "personalized_fid": mean(personal, "personal"),
-            "personalized_global_fid": mean(personal, "global"), "eval_clients": len(rows),
-            "personalized_clients": len(personal)}
