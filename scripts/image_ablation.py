@@ -2,7 +2,8 @@
 
 Runs the real ClientApp ``train`` handler and the server strategy (bench/driver.py: a simulation
 round minus Ray and gRPC) over the same seeded client samples, once per setting, and prints the
-global FID after every round. This is how docs/image/report.md's ablation was measured:
+global KID after every round. This is how docs/image/report.md's ablation was measured (then
+with FID, the task's metric before issue 16):
 
     python scripts/image_ablation.py conf/image.toml --rounds 4
     python scripts/image_ablation.py conf/image.toml --rounds 4 --set image.keep-discriminator=false
@@ -46,27 +47,27 @@ def main() -> None:
 
 def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
     task = get_task(cfg)
-    if task.caps.metric != "fid":
-        raise SystemExit(f"{args.conf}: an image-task config (FID) is needed")
+    if task.caps.metric != "kid":
+        raise SystemExit(f"{args.conf}: an image-task config (KID) is needed")
     per_round = max(1, int(args.num_clients * cfg.strategy.fraction_train))
     rng = np.random.default_rng(cfg.seed)
     samples = [sorted(rng.choice(args.num_clients, per_round, replace=False).tolist())
                for _ in range(args.rounds)]
     model = shared_lora_model(cfg)
     evaluate = task.evaluator(cfg, task.global_test_data(cfg), seed=cfg.seed, scope="whole")
-    fid = lambda m: score(task, evaluate(m))  # noqa: E731
+    kid = lambda m: score(task, evaluate(m))  # noqa: E731
     t0 = time.time()
-    scores = [fid(model)]
-    print(f"round 0: global FID {scores[0]:.2f}", flush=True)
+    scores = [kid(model)]
+    print(f"round 0: global KID {scores[0]:.5f}", flush=True)
 
     def on_round(rnd: int, arrays) -> None:
         set_adapter_state(model, arrays.to_torch_state_dict())
-        scores.append(fid(model))
-        print(f"round {rnd}: global FID {scores[-1]:.2f} ({time.time() - t0:.0f}s)", flush=True)
+        scores.append(kid(model))
+        print(f"round {rnd}: global KID {scores[-1]:.5f} ({time.time() - t0:.0f}s)", flush=True)
 
     federate(cfg, args.num_clients, samples, on_round=on_round)
     print(json.dumps({"set": args.set, "clients_per_round": per_round, "max_steps": cfg.train.max_steps,
-                      "global_fid": [round(s, 2) for s in scores]}))
+                      "global_kid": [round(s, 6) for s in scores]}))
 
 
 if __name__ == "__main__":
