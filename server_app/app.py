@@ -290,7 +290,10 @@ def personalization_partitions(cfg: RunConfig, num_clients: int, task=None) -> l
     for pid in first + rest:
         if len(chosen) == k:
             break
-        train_data, test = task.client_data(cfg, pid, num_clients)
+        try:
+            train_data, test = task.client_data(cfg, pid, num_clients)
+        except ValueError:  # e.g. fewer tokens than one block: nothing to train or test on
+            continue
         if len(test) and len(train_data) >= 2:
             chosen.append(pid)
     return sorted(chosen)
