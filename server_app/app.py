@@ -285,7 +285,8 @@ def personalization_partitions(cfg: RunConfig, num_clients: int, data_source=Non
     first = rng.sample(range(num_clients), k)
     if data_source is None:
         return sorted(first)
-    rest = [pid for pid in range(num_clients) if pid not in set(first)]
+    drawn = set(first)
+    rest = [pid for pid in range(num_clients) if pid not in drawn]
     rng.shuffle(rest)
     chosen = []
     for pid in first + rest:
