@@ -165,7 +165,7 @@ def run_suite(size: str, out: Path, cache: Path, timeout: float | None, **select
     first: dict[str, str] = {}
     for name, overrides in runs:
         key = json.dumps(RunConfig.from_run_config({**spec["config"], **overrides}).flat(), sort_keys=True)
-        if first.setdefault(key, name) != name and not (out / name).exists():
+        if first.setdefault(key, name) != name and not (out / name).exists() and not (out / name).is_symlink():
             (out / name).symlink_to(first[key])
     todo = [(n, o) for n, o in runs if results_of(out, n) is None and not (out / n).is_symlink()]
     print(f"suite {size}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)

@@ -272,9 +272,10 @@ def node_partitions(grid: Grid, timeout: float) -> dict[int, int]:
     return partition
 
 
-def personalization_partitions(cfg: RunConfig, num_clients: int, task=None) -> list[int]:
+def personalization_partitions(cfg: RunConfig, num_clients: int, data_source=None) -> list[int]:
     """The clients of the personalization protocol: a seeded sample of partition ids, the same
-    in every run of a suite (node ids are not: they are drawn anew each run). With ``task``,
+    in every run of a suite (node ids are not: they are drawn anew each run). With
+    ``data_source`` (the task: its ``client_data``),
     only partitions the protocol can measure count: a local test to score and at least two
     training rows (one to fit, one to validate); an unusable draw is replaced by the next
     partition in the same seeded order, so a small role or label partition does not shrink
@@ -282,15 +283,19 @@ def personalization_partitions(cfg: RunConfig, num_clients: int, task=None) -> l
     k = min(cfg.server.personalize_clients, num_clients)
     rng = random.Random(cfg.seed)
     first = rng.sample(range(num_clients), k)
-    if task is None:
+    if data_source is None:
         return sorted(first)
-    rest = [pid for pid in range(num_clients) if pid not in set(first)]
+    drawn = set(first)
+    rest = [pid for pid in range(num_clients) if pid not in drawn]
     rng.shuffle(rest)
     chosen = []
     for pid in first + rest:
         if len(chosen) == k:
             break
-        train_data, test = task.client_data(cfg, pid, num_clients)
+        try:
+            train_data, test = data_source.client_data(cfg, pid, num_clients)
+        except ValueError:  # e.g. fewer tokens than one block: nothing to train or test on
+            continue
         if len(test) and len(train_data) >= 2:
             chosen.append(pid)
     return sorted(chosen)

@@ -215,7 +215,7 @@ def test_the_protocol_replaces_clients_it_cannot_measure(tiny_cfg):
 
     cfg = replace(tiny_cfg, server=replace(tiny_cfg.server, personalize_clients=5))
     plain = server.personalization_partitions(cfg, 40)
-    unusable = set(plain[:2])
+    unusable = set(plain[:3])
 
     class Task:
         def client_data(self, cfg, pid, num_partitions):
@@ -223,10 +223,12 @@ def test_the_protocol_replaces_clients_it_cannot_measure(tiny_cfg):
                 return [1, 2, 3], []  # no local test
             if pid == plain[1]:
                 return [1], [1]  # one training row: nothing to validate on
+            if pid == plain[2]:
+                raise ValueError("30 tokens are fewer than one block of seq-len 32")
             return [1, 2], [1]
 
     chosen = server.personalization_partitions(cfg, 40, Task())
     assert len(chosen) == 5
     assert not unusable & set(chosen)
-    assert set(plain[2:]) <= set(chosen)
+    assert set(plain[3:]) <= set(chosen)
     assert chosen == server.personalization_partitions(cfg, 40, Task())  # seeded
