@@ -234,7 +234,16 @@ def test_evaluator_scopes_report_kid_fid_with_its_floor_and_accuracy(tmp_path, m
     assert result["images"] == 20 and result["fid-images"] == 16 and result["accuracy-images"] == 30
     assert result["kid"] > 0 and result["kid-std"] > 0 and 0 <= result["accuracy"] <= 1
     assert result["fid"] > result["fid-floor"] > 0  # an untrained GAN is far from the data
+    calls = extractor.calls
     assert whole(model) == result  # fixed noise and subsets: the same model, the same scores
+    # ... and the "whole" scope's generated features were read back by their pixels (every
+    # method's round 0 in a suite is the same backbone), while another generator is extracted anew
+    assert extractor.calls == calls and len(list((tmp_path / "cache" / "features").glob("generated-20-*"))) == 1
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
+    assert whole(model)["kid"] != result["kid"] and extractor.calls == calls + 1
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).sub_(0.5)
     figures = TASK.figures([{f"global-{k}": v for k, v in result.items()}], "global")
     assert figures["fid_images"] == 16 and figures["kid"] == result["kid"] == score(TASK, result)
 

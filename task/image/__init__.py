@@ -114,9 +114,12 @@ class ImageGeneration:
             labels, name = scores.labels_like(rows[:, 0].long(), kid_n), f"{cfg.data.dataset}-{scope}"
         real = scores.cached_features(train.real_uint8(rows, channels)[0], extractor,
                                       cfg.cache_path / "features", name)
+        # "whole" (2,048 images) is the costly scope; its round 0 is the same backbone in every
+        # run of a suite, so its generated features are cached by their pixels
         return scores.GeneratorScores(real, labels, extractor=extractor, classifier=net, seed=seed,
                                       kid_images=kid_n, kid_subsets=im.kid_subsets,
-                                      kid_subset_cap=im.kid_subset_size, fid_images=fid_n)
+                                      kid_subset_cap=im.kid_subset_size, fid_images=fid_n,
+                                      cache=cfg.cache_path / "features" if scope == "whole" else None)
 
     def summarize(self, rows: list[dict], which: str) -> float:
         """Image-weighted mean KID of the rows (lower is better; each client's on its own classes)."""

@@ -145,16 +145,18 @@ class GeneratorScores:
     the same seeded noise, extracts the features of the first ``kid_images`` (or
     ``fid_images``, if more) and returns KID with its std over subsets, the conditioning
     accuracy of all generated images and, with ``fid_images``, FID at that N with its
-    real-vs-real floor (computed once here)."""
+    real-vs-real floor (computed once here). With ``cache`` the generated images' features are
+    cached too, keyed by their pixels: the same generator at the same noise (every method's round
+    0 in a suite: the pre-trained backbone) is extracted once."""
 
     def __init__(self, real: torch.Tensor, labels: torch.Tensor, *, extractor, classifier,
                  seed: int, kid_images: int, kid_subsets: int, kid_subset_cap: int,
-                 fid_images: int = 0) -> None:
+                 fid_images: int = 0, cache: Path | None = None) -> None:
         if len(labels) < max(kid_images, fid_images):
             raise ValueError(f"{len(labels)} labels for {max(kid_images, fid_images)} images")
         if fid_images and len(real) < 2 * fid_images:
             raise ValueError(f"the FID floor needs 2 x {fid_images} real features, not {len(real)}")
-        self.real, self.labels, self.seed = real, labels, seed
+        self.real, self.labels, self.seed, self.cache = real, labels, seed, cache
         self.extractor, self.classifier = extractor, classifier
         self.kid_images, self.kid_subsets, self.fid_images = kid_images, kid_subsets, fid_images
         self.subset_size = kid_subset_size(len(real), kid_images, kid_subset_cap)
@@ -165,7 +167,9 @@ class GeneratorScores:
         from task.image.train import generate
 
         images = generate(model, self.labels, self.seed)
-        fake = self.extractor(images[:max(self.kid_images, self.fid_images)])
+        scored = images[:max(self.kid_images, self.fid_images)]
+        fake = (cached_features(scored, self.extractor, self.cache, "generated") if self.cache
+                else self.extractor(scored))
         out = {"images": self.kid_images, "kid": math.nan, "kid-std": math.nan,
                "accuracy": accuracy(self.classifier, images, self.labels),
                "accuracy-images": len(images)}
