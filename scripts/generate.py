@@ -3,10 +3,14 @@
     python scripts/generate.py --adapter outputs/default/latest/global-adapter --prompt "The stock market"
     python scripts/generate.py --adapter ~/.fedgen-edge/node/run-<id>/personal-adapter \\
         --prompt "The stock market" --run-config conf/smoke.toml
+    # images: a grid, one row per class; a client's personal generator renders its own classes
+    python scripts/generate.py --adapter outputs/image/latest/clients/client-0003/personalized-adapter \\
+        --classes own --out client-3.png
 
-The backbone and task come from the run config (the pyproject defaults, then ``--run-config``
-files or "k=v" pairs, as for a run: use the same ones the adapter was trained with).
-``--adapter none`` generates with the backbone alone, for comparison.
+The backbone and task come from the run config: ``--run-config`` files or "k=v" pairs over the
+pyproject defaults, as for a run (use the same ones the adapter was trained with); without
+``--run-config``, an adapter inside a run's output folder uses that run's own config (its
+results.json). ``--adapter none`` generates with the backbone alone, for comparison.
 """
 
 from __future__ import annotations
@@ -34,24 +38,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw-prompt", action="store_true",
                         help="do not preprocess the prompt like the training text")
+    image = parser.add_argument_group("image task")
+    image.add_argument("--out", type=Path, default=Path("samples.png"), help="the grid's PNG")
+    image.add_argument("--classes", default="all",
+                       help="'all', 'own' (the classes of the client whose personal adapter this "
+                            "is) or comma-separated labels: one grid row each")
+    image.add_argument("--per-class", type=int, default=10)
     args = parser.parse_args(argv)
 
     # deferred: --help and argument errors answer without loading torch and transformers
     from task.config import RunConfig
-    from task.lm.generate import generate_text
+    from task.image.generate import generate_images, run_config, run_of
 
-    generators = {"lm": generate_text}  # task -> its inference command (text only so far)
-
-    # The checkout's cache by default, as scripts/run.sh and deploy_local.py use it.
-    overrides = merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", *args.run_config])
-    cfg = RunConfig.from_run_config(overrides)
-    generate = generators.get(cfg.task)
-    if generate is None:
-        parser.error(f"no generator for task {cfg.task!r} (have {sorted(generators)})")
     adapter = None if args.adapter == "none" else Path(args.adapter).expanduser()
-    print(generate(cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                   normalize=not args.raw_prompt))
+    located = run_of(adapter) if adapter is not None and not args.run_config else None
+    if located is None and adapter is not None and not args.run_config \
+            and (adapter.parent / "results.json").exists():  # <run>/global-adapter
+        located = (adapter.parent, -1)
+    if located is not None:
+        cfg = run_config(located[0])
+    else:  # the checkout's cache by default, as scripts/run.sh and deploy_local.py use it
+        cfg = RunConfig.from_run_config(
+            merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", *args.run_config]))
+    if cfg.task == "image":
+        print(generate_images(cfg, adapter, out=args.out, classes=args.classes,
+                              per_class=args.per_class, seed=args.seed))
+    elif cfg.task == "lm":
+        from task.lm.generate import generate_text
+
+        print(generate_text(cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                            normalize=not args.raw_prompt))
+    else:
+        parser.error(f"no generator for task {cfg.task!r} (have image, lm)")
     return 0
 
 

@@ -15,6 +15,8 @@ from task.config import RunConfig
 from task.image.data import client_image_rows, public_and_pool, image_partitions, load_images, unpack_rows
 from task.image.model import ConditionalGenerator, LoraConvTranspose2d, image_lora_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def image_cfg(tmp_path, **overrides) -> RunConfig:
     """A tiny image-task config; ``overrides`` by run-config key (``**{"lora.rank": 4}``)."""
@@ -179,3 +181,49 @@ def test_every_strategy_trains_the_image_generator_unchanged(tmp_path, strategy)
         assert initial and not any(".layers.4." in k for k in upload)
     global_state, personal = module.client_eval_states(cfg, initial, 1)
     assert (personal is None) == (strategy in ("fedavg-full",))
+
+
+def test_a_personal_generator_renders_its_own_classes_from_its_run_folder(tmp_path):
+    """scripts/generate.py on a client's personal adapter inside a run folder: the run's config
+    comes from its results.json, and --classes own draws one grid row per class of that client."""
+    import importlib.util
+    import json
+
+    from PIL import Image
+
+    from task.adapters import shared_lora_model
+    from task.image.generate import own_classes
+
+    cfg = image_cfg(tmp_path)
+    run = tmp_path / "run"
+    (run / "results.json").parent.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps({"config": cfg.flat(), "num_clients": 10}))
+    adapter = run / "clients" / "client-0002" / "personalized-adapter"
+    model = shared_lora_model(cfg)
+    with torch.no_grad():  # a personal adapter that differs from the backbone
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(adapter))
+
+    classes = own_classes(cfg, 2, 10)
+    train_labels = client_image_rows(cfg, 2, 10)[0][:, 0].numpy()
+    assert sorted(classes) == sorted(set(train_labels.tolist())) and len(classes) < 10  # alpha 0.1
+    assert np.bincount(train_labels)[classes[0]] == np.bincount(train_labels).max()
+
+    spec = importlib.util.spec_from_file_location("generate_cli", ROOT / "scripts" / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    own, every, backbone = tmp_path / "own.png", tmp_path / "all.png", tmp_path / "backbone.png"
+    assert cli.main(["--adapter", str(adapter), "--classes", "own", "--per-class", "3", "--out", str(own)]) == 0
+    assert cli.main(["--adapter", str(adapter), "--per-class", "3", "--out", str(every)]) == 0
+    assert cli.main(["--adapter", "none", "--per-class", "3", "--out", str(backbone),
+                     "--run-config", f"task='image' image.generator-width=4 image.discriminator-width=4 "
+                     f"image.pretrain-steps=2 data.dataset='fashion-mnist' data.partitioner='dirichlet' "
+                     f"cache-dir='{cfg.cache_dir}'"]) == 0
+    # save_image: rows of 32-pixel images with 2-pixel padding around each
+    assert Image.open(own).size == (3 * 34 + 2, len(classes) * 34 + 2)
+    assert Image.open(every).size == (3 * 34 + 2, 10 * 34 + 2)
+    assert np.asarray(Image.open(every)).tolist() != np.asarray(Image.open(backbone)).tolist()
+    with pytest.raises(ValueError, match="outside"):
+        cli.main(["--adapter", str(adapter), "--classes", "3,12", "--out", str(tmp_path / "x.png")])

@@ -9,7 +9,9 @@ convolutions, scored by KID, FID at a fixed N and class-conditioning accuracy.
   discriminator, sampling, image grids;
 - fid.py: the standard InceptionV3 pool3 feature extractor, offline, fp32 or bf16;
 - scores.py: cached real features, KID, FID and its real-vs-real floor, a generator's scores;
-- classifier.py: the small CNN classifier behind the conditioning accuracy.
+- classifier.py: the small CNN classifier behind the conditioning accuracy;
+- generate.py: grids from the backbone plus an adapter (scripts/generate.py), a personal
+  generator's own classes.
 
 What each scope measures (``evaluator``; results.json's ``scores`` says it with every N):
 - "round" (the per-round curve): KID of ``image.round-kid-images`` generated images (balanced

@@ -412,12 +412,14 @@ def real_uint8(rows: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.T
     return rows[:, 1:].reshape(len(rows), channels, 32, 32).contiguous(), rows[:, 0].long()
 
 
-def save_grid(model: nn.Module, num_classes: int, path: Path, per_class: int = 10,
+def save_grid(model: nn.Module, classes, path: Path, per_class: int = 10,
               seed: int = 0) -> None:
-    """A PNG with one row per class (fixed noise, so grids of different rounds compare)."""
+    """A PNG with one row per class of ``classes`` (a count: all of them; or a list of labels),
+    from fixed noise, so grids of different rounds and models compare."""
     from torchvision.utils import save_image
 
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    classes = list(range(classes)) if isinstance(classes, int) else list(classes)
+    labels = torch.tensor(classes).repeat_interleave(per_class)
     images = generate(model, labels, seed).float() / 255.0
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, str(path), nrow=per_class, padding=2)
