@@ -260,6 +260,8 @@ class ImageConfig:
     keep_discriminator: bool = True
     pretrain_steps: int = 1500
     pretrain_fraction: float = 0.1
+    lora_layers: str = "all"
+    lora_norms: bool = False
     torch_threads: int = 1
     # scores (task/image/scores.py, classifier.py)
     real_feature_images: int = 5000
@@ -287,6 +289,22 @@ class ImageConfig:
         need(self.discriminator_learning_rate > 0, "discriminator_learning_rate", "must be > 0")
         need(0.0 < self.pretrain_fraction < 1.0, "pretrain_fraction", "must be in (0, 1)")
         need(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
+        layers = self.lora_layer_indices()
+        need(layers is not None, "lora_layers",
+             f"must be 'all' or distinct comma-separated generator layers of 0-4, not {self.lora_layers!r}")
+        need(not self.lora_norms or bool(layers and set(layers) - {4}), "lora_norms",
+             "needs a covered layer of 0-3 (layer 4, the output conv, has no norm)")
+
+    def lora_layer_indices(self) -> list[int] | None:
+        """The generator layers LoRA covers (0-4), or None for a malformed ``lora-layers``."""
+        if self.lora_layers.strip() == "all":
+            return list(range(5))
+        try:
+            layers = [int(x) for x in self.lora_layers.split(",")]
+        except ValueError:
+            return None
+        return sorted(layers) if layers and len(set(layers)) == len(layers) and all(
+            0 <= i <= 4 for i in layers) else None
 
 
 def parse_rank_mix(text: str) -> dict[int, float]:

@@ -227,3 +227,39 @@ def test_a_personal_generator_renders_its_own_classes_from_its_run_folder(tmp_pa
     assert np.asarray(Image.open(every)).tolist() != np.asarray(Image.open(backbone)).tolist()
     with pytest.raises(ValueError, match="outside"):
         cli.main(["--adapter", str(adapter), "--classes", "3,12", "--out", str(tmp_path / "x.png")])
+
+
+def test_lora_placement_covers_the_chosen_layers_and_norms_travel_in_the_adapter(tmp_path):
+    from peft import PeftModel
+
+    from task.adapters import get_adapter_state, set_adapter_state
+    from task.config import ConfigError
+
+    cfg = image_cfg(tmp_path, **{"image.lora-layers": "1,3", "image.lora-norms": True})
+    model = lora_generator(cfg)
+    wrapped = sorted(n for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    assert [w.split("base_model.model.")[1] for w in wrapped] == ["layers.1.conv", "layers.3.conv"]
+    state = get_adapter_state(model)
+    norm_keys = sorted(k for k in state if ".norm." in k)
+    assert norm_keys == ["base_model.model.layers.1.norm.bias", "base_model.model.layers.1.norm.weight",
+                         "base_model.model.layers.3.norm.bias", "base_model.model.layers.3.norm.weight"]
+    w = cfg.image.generator_width
+    assert sum(state[k].numel() for k in norm_keys) == 2 * (4 * w) + 2 * w  # weight + bias per channel
+    # the norms train with the LoRA factors, and the adapter file carries them
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".norm." in n for n in trainable) and all("lora_" in n or ".norm." in n for n in trainable)
+    changed = {k: v + 0.25 for k, v in state.items()}
+    set_adapter_state(model, changed)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(ConditionalGenerator(10, 1, w), str(tmp_path / "adapter"),
+                                       config=image_lora_config(cfg))
+    for k, v in get_adapter_state(loaded).items():
+        torch.testing.assert_close(v, changed[k])
+    # all five convolutions by default; bad placements stop the run naming the key
+    assert len([m for m in lora_generator(image_cfg(tmp_path)).modules() if hasattr(m, "lora_A")]) == 5
+    for value, key in (("1,9", "image.lora-layers"), ("2,2", "image.lora-layers"), ("conv", "image.lora-layers")):
+        with pytest.raises(ConfigError, match=key):
+            image_cfg(tmp_path, **{"image.lora-layers": value})
+    with pytest.raises(ConfigError, match="image.lora-norms"):
+        image_cfg(tmp_path, **{"image.lora-layers": "4", "image.lora-norms": True})

@@ -173,9 +173,16 @@ class LoraConvTranspose2d(_ConvNd):
 
 
 def image_lora_config(cfg: RunConfig) -> LoraConfig:
-    """LoRA on every generator convolution ("conv" modules), transposed ones included."""
+    """LoRA on the generator convolutions of ``image.lora-layers`` (layers.<i>.conv; all five by
+    default, transposed ones included); with ``image.lora-norms`` the covered blocks' BatchNorm
+    affine parameters train too, as peft ``modules_to_save`` (in the adapter state, so they
+    travel and are averaged like the LoRA factors). The generator has no class embedding: the
+    one-hot label enters layer 0's input, so layer 0's LoRA is the class pathway."""
+    layers = cfg.image.lora_layer_indices()
+    norms = [f"layers.{i}.norm" for i in layers if i < 4] if cfg.image.lora_norms else None
     config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                        target_modules=["conv"], bias="none")
+                        target_modules=rf".*layers\.({'|'.join(map(str, layers))})\.conv",
+                        modules_to_save=norms, bias="none")
     config._register_custom_module({nn.ConvTranspose2d: LoraConvTranspose2d})
     return config
 
