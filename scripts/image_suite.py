@@ -6,6 +6,7 @@ row per class), personal generators' grids of their own classes and the gain dis
     python scripts/image_suite.py --seeds 42,43,44
     python scripts/image_suite.py --paper         # CIFAR-10, 100 clients: a GPU machine
     python scripts/image_suite.py --tiny          # a wiring check of every method (minutes)
+    python scripts/image_suite.py --ablation      # also fedavg-lora at LoRA ranks 2/4/16 and placements
     python scripts/image_suite.py --report-only
 
 Runs live under outputs/image-suite-<size>/ (adapters, checkpoints, client folders); the report,
@@ -68,19 +69,34 @@ SIZES = {
 }
 
 
+# fedavg-lora at other LoRA ranks and placements (the table's fedavg-lora is rank lora.rank on
+# every conv): run name -> overrides. Layers 0-3 are the transposed convs (the class one-hot
+# enters layer 0), 4 the output conv; "+norms" also trains the covered blocks' BatchNorm affine.
+ABLATION = {
+    **{f"rank-{r}": {"lora.rank": r, "lora.alpha": 2.0 * r} for r in (2, 4, 16)},
+    "layers-0": {"image.lora-layers": "0"},
+    "layers-0-3": {"image.lora-layers": "0,1,2,3"},
+    "layers-all-norms": {"image.lora-norms": True},
+}
+
+
 def base_config(size: str) -> dict:
     spec = SIZES[size]
     return {**merge_run_config([str(ROOT / spec["conf"])]), **spec["config"]}
 
 
-def plan(size: str, methods: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, dict]]:
+def plan(size: str, methods: list[str] | None = None, seeds: list[int] | None = None,
+         ablation: bool = False) -> list[tuple[str, dict]]:
     """(run name, run-config overrides) of the suite, seed by seed (a suite stopped early still
-    has every method at its first seed)."""
+    has every method at its first seed); the ablation's runs last, at the first seed."""
     seeds = seeds or SIZES[size]["seeds"]
     methods = methods or METHODS
     if unknown := [m for m in methods if m not in METHODS]:
         raise SystemExit(f"--methods: {unknown} not in the image table ({', '.join(METHODS)})")
-    return [(seeded_name(m, s, seeds), {"strategy.name": m, "seed": s}) for s in seeds for m in methods]
+    runs = [(seeded_name(m, s, seeds), {"strategy.name": m, "seed": s}) for s in seeds for m in methods]
+    if ablation:
+        runs += [(name, {"strategy.name": "fedavg-lora", "seed": seeds[0], **o}) for name, o in ABLATION.items()]
+    return runs
 
 
 def run_suite(size: str, out: Path, cache: Path, timeout: float | None, runs: list[tuple[str, dict]],
@@ -131,6 +147,8 @@ def report(size: str, out: Path, runs_planned: list[tuple[str, dict]], render: b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    ablation = [(n, o) for n, o in runs_planned if n in ABLATION]
+    runs_planned = [(n, o) for n, o in runs_planned if n not in ABLATION]
     runs = {n: results_of(out, n) for n, _ in runs_planned}
     methods = list(dict.fromkeys(o["strategy.name"] for _, o in runs_planned))
     names = {m: [n for n, o in runs_planned if o["strategy.name"] == m and runs[n]] for m in methods}
@@ -243,6 +261,8 @@ def report(size: str, out: Path, runs_planned: list[tuple[str, dict]], render: b
         lines += ["", "(gain: 1 - personalized / global KID on the client's own classes; first seed)", "",
                   "![gains](personalization.png)", ""]
         plot_gains(gains, out / "personalization.png", "KID")
+    if ablation and "fedavg-lora" in methods:
+        lines += ablation_section(out, names["fedavg-lora"][0], ablation)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps({
@@ -255,6 +275,25 @@ def report(size: str, out: Path, runs_planned: list[tuple[str, dict]], render: b
         "backbone": {k: final0.get(f"initial_global_{k}") for k in ("kid", "kid_std", "fid", "accuracy")},
     }, indent=1))
     return path
+
+
+def ablation_section(out: Path, base_name: str, ablation: list[tuple[str, dict]]) -> list[str]:
+    """fedavg-lora's LoRA rank and placement: adapter size, bytes per round, KID, accuracy."""
+    lines = ["## Ablation: LoRA rank and placement (fedavg-lora)", "",
+             "| run | rank | layers | norms | adapter params | uploaded per round | KID | KID std | accuracy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in [base_name] + [n for n, _ in ablation]:
+        r = results_of(out, name)
+        if r is None:
+            lines.append(f"| {name} | not finished | | | | | | | |")
+            continue
+        c, f = r["config"], r["final"]
+        lines.append(f"| {name} | {c['lora.rank']} | {c['image.lora-layers']} | "
+                     f"{'yes' if c['image.lora-norms'] else 'no'} | {r['adapter_params']:,} | "
+                     f"{_mb(f['upload_bytes_total'] / r['num_rounds'])} | {_kid(f.get('global_kid'))} | "
+                     f"{_kid(f.get('global_kid_std'))} | {_fmt(f.get('global_accuracy'), 3)} |")
+    return lines + ["", "(layers 0-3: the transposed convs, 4x4 -> 32x32, the class one-hot entering "
+                    "layer 0; 4: the output conv. Uploaded per round: all of the round's clients.)", ""]
 
 
 def publish(out: Path, docs: Path, runs_planned: list[tuple[str, dict]]) -> None:
@@ -299,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--methods", default=None, help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="", help="comma-separated seeds (default: the size's)")
+    parser.add_argument("--ablation", action="store_true",
+                        help=f"also fedavg-lora at {', '.join(ABLATION)} (first seed)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a run-config value for every run (repeatable); use its own --out")
     args = parser.parse_args(argv)
@@ -306,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {**base_config(args.size), **merge_run_config([" ".join(args.set)])}
     RunConfig.from_run_config(base)  # a wrong key or value stops here, naming it
     runs = plan(args.size, args.methods.split(",") if args.methods else None,
-                [int(s) for s in args.seeds.split(",")] if args.seeds else None)
+                [int(s) for s in args.seeds.split(",")] if args.seeds else None, args.ablation)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = (args.out or ROOT / "outputs" / f"image-suite-{args.size}").resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -82,3 +82,24 @@ def test_a_missing_run_is_named_and_left_out_of_the_means(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(_results(method, int(seed), 0.02)))
     text = report("fashion", tmp_path, runs, render=False).read_text()
     assert "Not finished (left out): ditto-s43." in text and "| ditto | 1 | 20.00 |" in text
+
+
+def test_ablation_runs_fedavg_lora_at_other_ranks_and_placements_and_reports_them(tmp_path):
+    from image_suite import ABLATION, plan, report
+    from task.config import RunConfig
+
+    runs = plan("fashion", methods=["fedavg-lora"], seeds=[42], ablation=True)
+    assert [n for n, _ in runs] == ["fedavg-lora", *ABLATION]
+    for name, overrides in runs:  # every point is a valid run config
+        RunConfig.from_run_config({"task": "image", "data.dataset": "fashion-mnist",
+                                   "data.partitioner": "dirichlet", **overrides})
+        results = _results("fedavg-lora", 42, 0.02)
+        results["config"].update({"lora.rank": 8, "image.lora-layers": "all", "image.lora-norms": False,
+                                  **{k: v for k, v in overrides.items() if k.startswith(("lora.", "image."))}})
+        results["adapter_params"] = 100 * results["config"]["lora.rank"]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    text = report("fashion", tmp_path, runs, render=False).read_text()
+    assert "| fedavg-lora | 1 | 20.00 |" in text  # the ablation's runs stay out of the table
+    assert "| rank-2 | 2 | all | no | 200 | 0.00 MB | 20.00 |" in text
+    assert "| layers-all-norms | 8 | all | yes | 800 |" in text and "| layers-0 | 8 | 0 | no |" in text
