@@ -25,6 +25,8 @@ from task.adapters import (
 )
 from task.config import RunConfig
 
+from strategies.records import log
+
 State = dict[str, torch.Tensor]
 
 
@@ -44,8 +46,23 @@ def server_global_state(cfg: RunConfig, arrays: State) -> State:
 
 
 def pooled_train_blocks(cfg: RunConfig, num_clients: int) -> torch.Tensor:
+    """Every client's training data in one pool. A partition the task cannot split (e.g. a
+    speaking role with fewer tokens than one block) is left out, as it is from federated
+    training, where that client's every call fails; the log names them."""
     task = get_task(cfg)
-    return torch.cat([task.client_data(cfg, p, num_clients)[0] for p in range(num_clients)])
+    pooled, unusable = [], []
+    for p in range(num_clients):
+        try:
+            pooled.append(task.client_data(cfg, p, num_clients)[0])
+        except ValueError as e:
+            unusable.append((p, str(e)))
+    if unusable:
+        log.warning(
+            "centralized pool: %d of %d partitions left out, too small to use (%s)", len(unusable),
+            num_clients, "; ".join(f"partition {p}: {e}" for p, e in unusable[:5]))
+    if not pooled:
+        raise ValueError(f"no usable partition among {num_clients}: {unusable[0][1]}")
+    return torch.cat(pooled)
 
 
 def steps_per_round(cfg: RunConfig, num_clients: int, clients_per_round: int,

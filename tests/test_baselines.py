@@ -143,3 +143,27 @@ def test_fedavg_full_trains_and_uploads_the_whole_model(tiny_cfg, blocks):
     changed = [k for k in upload if not torch.equal(upload[k], initial[k])]
     assert len(changed) > len(upload) // 2, "full fine-tuning moves the backbone weights"
     assert initial.keys() == get_full_state(shared_full_model(cfg)).keys() == upload.keys()
+
+
+def test_centralized_pool_leaves_out_a_partition_too_small_to_use(tiny_cfg, monkeypatch, caplog):
+    """A role with fewer tokens than one block fails its every federated call; the centralized
+    pool leaves it out the same way (and says so) instead of failing the whole run."""
+    from strategies import centralized
+    from task.lm import TASK
+
+    real = TASK.client_data
+
+    def client_data(cfg, partition_id, num_partitions):
+        if partition_id == 1:
+            raise ValueError("5 tokens are fewer than one block of seq-len 32")
+        return real(cfg, partition_id, num_partitions)
+
+    monkeypatch.setattr(type(TASK), "client_data", lambda self, *a: client_data(*a))
+    with caplog.at_level("WARNING", logger="flwr.fedgen_edge"):
+        pooled = centralized.pooled_train_blocks(tiny_cfg, 3)
+    expected = torch.cat([real(tiny_cfg, p, 3)[0] for p in (0, 2)])
+    _equal({"pool": pooled}, {"pool": expected})
+    assert "1 of 3 partitions left out" in caplog.text and "partition 1: 5 tokens" in caplog.text
+    monkeypatch.setattr(type(TASK), "client_data", lambda self, *a: (_ for _ in ()).throw(ValueError("tiny")))
+    with pytest.raises(ValueError, match="no usable partition among 3: tiny"):
+        centralized.pooled_train_blocks(tiny_cfg, 3)
