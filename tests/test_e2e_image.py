@@ -35,9 +35,12 @@ def test_image_smoke_run_federates_generator_adapters_and_reports_kid_fid_and_ac
     rounds = results["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert results["task"] == "image" and results["pretrain"]["pretrain_steps"] == 40
-    # a few images cannot show this tiny GAN improving in 2 rounds: what is asserted is that
-    # the federated generator moved and was measured anew
+    # the federated generator moved, was measured anew, and got better than the backbone it
+    # started from (measured: per-round KID 0.491 -> 0.487 -> 0.483, the whole 0.519 -> 0.507,
+    # with fixed noise and fixed KID subsets, so the rounds compare pairwise)
     assert len({round(r["global_kid"], 8) for r in rounds}) == 3
+    assert rounds[2]["global_kid"] < rounds[0]["global_kid"]
+    assert rounds[2]["whole_kid"] < rounds[0]["whole_kid"]
     assert all(math.isfinite(r["global_kid"]) and r["global_kid"] > 0 for r in rounds)
     assert all(0 <= r["global_accuracy"] <= 1 for r in rounds)
     assert results["fid_images"] == results["config"]["image.fid-images"] and "scores" in results
