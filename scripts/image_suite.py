@@ -242,7 +242,8 @@ def report(size: str, out: Path, runs_planned: list[tuple[str, dict]], render: b
         run_dir = out / names[m][0]
         if (run_dir / "grid.png").exists():
             shutil.copyfile(run_dir / "grid.png", grids / f"{m}.png")
-            lines += [f"{m} ({names[m][0]}):", "", f"![{m}](grids/{m}.png)", ""]
+            label = m if names[m][0] == m else f"{m} ({names[m][0]})"
+            lines += [f"{label}:", "", f"![{m}](grids/{m}.png)", ""]
 
     # Personal generators: each protocol client's personalized adapter renders its own classes.
     if "fedavg-lora" in methods and render:
