@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # deferred: --help and argument errors answer without loading torch and transformers
     from task.config import RunConfig
-    from task.image.generate import generate_images, run_config, run_of
+    from task.results import run_config, run_of
 
     adapter = None if args.adapter == "none" else Path(args.adapter).expanduser()
     located = run_of(adapter) if adapter is not None and not args.run_config else None
@@ -60,18 +60,27 @@ def main(argv: list[str] | None = None) -> int:
     else:  # the checkout's cache by default, as scripts/run.sh and deploy_local.py use it
         cfg = RunConfig.from_run_config(
             merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", *args.run_config]))
-    if cfg.task == "image":
-        print(generate_images(cfg, adapter, out=args.out, classes=args.classes,
-                              per_class=args.per_class, seed=args.seed))
-    elif cfg.task == "lm":
-        from task.lm.generate import generate_text
-
-        print(generate_text(cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                            normalize=not args.raw_prompt))
-    else:
-        parser.error(f"no generator for task {cfg.task!r} (have image, lm)")
+    generators = {"image": _images, "lm": _text}  # task -> its inference command
+    generate = generators.get(cfg.task)
+    if generate is None:
+        parser.error(f"no generator for task {cfg.task!r} (have {sorted(generators)})")
+    print(generate(cfg, adapter, args))
     return 0
+
+
+def _images(cfg, adapter: Path | None, args) -> str:
+    from task.image.generate import generate_images  # deferred: torch, peft
+
+    return generate_images(cfg, adapter, out=args.out, classes=args.classes,
+                           per_class=args.per_class, seed=args.seed)
+
+
+def _text(cfg, adapter: Path | None, args) -> str:
+    from task.lm.generate import generate_text  # deferred: torch, transformers
+
+    return generate_text(cfg, adapter, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+                         normalize=not args.raw_prompt)
 
 
 if __name__ == "__main__":

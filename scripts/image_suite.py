@@ -315,7 +315,7 @@ def publish(out: Path, docs: Path, runs_planned: list[tuple[str, dict]]) -> None
 
 def personal_section(run_dir: Path, grids: Path) -> list[str]:
     """A run's protocol clients (at most 4): their personalized generators on their own classes."""
-    from task.image.generate import generate_images
+    from task.image.generate import generate_images  # deferred: torch and peft, for the grids only
 
     lines = ["## Personal generators (fedavg-lora, each protocol client's own classes)", ""]
     for folder in sorted((run_dir / "clients").glob("client-*/personalized-adapter"))[:4]:

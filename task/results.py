@@ -7,12 +7,14 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from task.adapters import load_adapter_file
+from task.config import RunConfig
 
 # metrics.csv / clients.csv columns; {f} stands for each of the task's figures (ppl, word_ppl |
 # fid), {c} for each of its counts (tokens, words | images)
@@ -255,3 +257,19 @@ def robustness_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "dp_epsilon": last.get("dp_epsilon"),
             "backdoor_success": last.get("backdoor_success"),
             "backdoor_target_nll": last.get("backdoor_target_nll")}
+
+
+# --------------------------------------------------------------------------- a finished run's folder
+def run_of(adapter: Path) -> tuple[Path, int] | None:
+    """(the run folder, the client's partition id) of an adapter under clients/client-<id>/."""
+    for parent in adapter.resolve().parents:
+        match = re.fullmatch(r"client-(\d+)", parent.name)
+        if match and parent.parent.name == "clients":
+            return parent.parent.parent, int(match.group(1))
+    return None
+
+
+def run_config(run_dir: Path) -> RunConfig:
+    """The run config a run was trained with (results.json's ``config``)."""
+    results = json.loads((run_dir / "results.json").read_text())
+    return RunConfig.from_run_config(results["config"])

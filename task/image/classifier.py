@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from task.image.data import _load_images
+from task.image.train import generate
 from task.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -138,8 +140,6 @@ def load_classifier(cfg) -> tuple[ImageClassifier, dict]:
 
 @lru_cache(maxsize=2)
 def _load_classifier(dataset: str, cache_path: Path, steps: int) -> tuple[ImageClassifier, dict]:
-    from task.image.data import _load_images
-
     folder = cache_path / "classifiers" / f"{dataset}-cnn{VERSION}-steps{steps}-seed{SEED}"
     return cached_classifier(folder, _load_images(dataset, cache_path), steps)
 
@@ -148,7 +148,5 @@ def conditioning_accuracy(generator: nn.Module, classifier: ImageClassifier, per
                           seed: int) -> float:
     """Generate ``per_class`` images of every class (fixed seeded noise) and return the share
     the classifier labels as the class asked for."""
-    from task.image.train import generate
-
     labels = torch.arange(classifier.num_classes).repeat(per_class)
     return accuracy(classifier, generate(generator, labels, seed), labels)

@@ -9,7 +9,6 @@ number of clients) and returns the labels of that client's training data, most f
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,7 @@ from peft import PeftModel
 
 from task.config import RunConfig
 from task.image import data, model, train
-
-
-def run_of(adapter: Path) -> tuple[Path, int] | None:
-    """(the run folder, the client's partition id) of an adapter under clients/client-<id>/."""
-    for parent in adapter.resolve().parents:
-        match = re.fullmatch(r"client-(\d+)", parent.name)
-        if match and parent.parent.name == "clients":
-            return parent.parent.parent, int(match.group(1))
-    return None
-
-
-def run_config(run_dir: Path) -> RunConfig:
-    """The run config a run was trained with (results.json's ``config``)."""
-    results = json.loads((run_dir / "results.json").read_text())
-    return RunConfig.from_run_config(results["config"])
+from task.results import run_config, run_of
 
 
 def own_classes(cfg: RunConfig, partition_id: int, num_clients: int) -> list[int]:

@@ -36,6 +36,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from task.image.classifier import accuracy
+from task.image.fid import InceptionFeatures
+from task.image.train import generate
+
 
 # --------------------------------------------------------------------------- features, cached
 def cached_features(images: torch.Tensor, extractor, folder: Path, name: str) -> torch.Tensor:
@@ -125,8 +129,6 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subsets: int, subset_size: int,
 # --------------------------------------------------------------------------- a generator's scores
 def feature_extractor(cfg):
     """The run's feature extractor: InceptionV3 pool3, fp32 or bf16 (``image.inception-bf16``)."""
-    from task.image.fid import InceptionFeatures
-
     return InceptionFeatures(bf16=cfg.image.inception_bf16)
 
 
@@ -163,9 +165,6 @@ class GeneratorScores:
         self.fid_floor = fid(real[:fid_images], real[fid_images:2 * fid_images]) if fid_images else None
 
     def __call__(self, model) -> dict:
-        from task.image.classifier import accuracy
-        from task.image.train import generate
-
         images = generate(model, self.labels, self.seed)
         scored = images[:max(self.kid_images, self.fid_images)]
         fake = (cached_features(scored, self.extractor, self.cache, "generated") if self.cache
