@@ -189,6 +189,11 @@ def _fmt(v, digits=1) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
 
 
+def _p_value(p) -> str:
+    """A p-value readable at any size: 0.0123, or 1.9e-06 below 1e-3 (never "0.0000")."""
+    return _fmt(p, 4) if p is None or not math.isfinite(p) or p >= 1e-3 else f"{p:.2g}"
+
+
 def _rounds_to(results: dict, target: float) -> str:
     for r in results["rounds"]:
         if r["global_ppl"] is not None and r["global_ppl"] <= target:
@@ -269,7 +274,7 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
                      f"{ms('protocol_global_ppl')} | {ms('protocol_personalized_ppl')} | "
                      f"{ms('protocol_global_word_ppl')} / {ms('protocol_personalized_word_ppl')} | "
                      f"{ms('protocol_improved_share', 100, 0)}% | {ms('protocol_mean_gain', 100)}% | "
-                     f"{_fmt(max(p_values) if None not in p_values else None, 4)} | "
+                     f"{_p_value(max(p_values) if None not in p_values else None)} | "
                      f"{_mb(finals[0]['upload_bytes_total'])} | {_rounds_to(runs[m], target)} |")
     if missing:
         lines += ["", f"Not finished (left out of the means): {', '.join(missing)}."]
@@ -326,7 +331,7 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
             st = runs[m]["personalization_stats"]
             lines.append(f"| {m} | {st['clients']} | {_fmt(100 * st['improved_share'], 0)}% | "
                          f"{_fmt(100 * st['mean_gain'])}% | {_fmt(100 * st['median_gain'])}% | "
-                         f"{_fmt(st['wilcoxon_p'], 4)} |")
+                         f"{_p_value(st['wilcoxon_p'])} |")
         lines += ["", "![gains](personalization.png)", ""]
         plot_gains(gains, out / "personalization.png", "perplexity")
 
@@ -390,7 +395,7 @@ def sweep_section(runs: dict, out: Path) -> list[str]:
                      f"{_fmt(f.get('protocol_personalized_ppl'))} | "
                      f"{_fmt(100 * st['improved_share'] if st.get('clients') else None, 0)}% | "
                      f"{_fmt(100 * st['mean_gain'] if st.get('clients') else None)}% | "
-                     f"{_fmt(st.get('wilcoxon_p'), 4)} |")
+                     f"{_p_value(st.get('wilcoxon_p'))} |")
         if st.get("clients") and part.get("js_divergence_mean") is not None:
             points.append((name, part["js_divergence_mean"], 100 * st["mean_gain"]))
     lines += ["", "(role: a client is a speaking role; it has no LDA topics to count.)", ""]

@@ -79,3 +79,10 @@ def test_seeds_give_one_run_per_method_and_seed_and_mean_std():
     assert overrides["fedavg-lora-s2"] == {"strategy.name": "fedavg-lora", "seed": 2}
     assert _mean_std([1.0, 2.0, 3.0]) == "2.0 ± 1.0" and _mean_std([5.0]) == "5.0"
     assert _mean_std([1.0, None]) == "n/a"
+
+
+def test_p_values_stay_readable_when_tiny():
+    from suite import _p_value
+
+    assert _p_value(1.9073e-06) == "1.9e-06" and _p_value(0.0123) == "0.0123"
+    assert _p_value(None) == "n/a"
