@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
 
-from simulate import LocalSuperLink, merge_run_config  # noqa: E402
-from suite import _fmt, _mb, _mean_std, results_of, seeded_name  # noqa: E402
+from simulate import merge_run_config  # noqa: E402
+from suite import _fmt, _mb, _mean_std, results_of, run_all, seeded_name  # noqa: E402
 
 from task.config import RunConfig  # noqa: E402
 from task.results import plot_gains  # noqa: E402
@@ -97,25 +97,6 @@ def plan(size: str, methods: list[str] | None = None, seeds: list[int] | None = 
     if ablation:
         runs += [(name, {"strategy.name": "fedavg-lora", "seed": seeds[0], **o}) for name, o in ABLATION.items()]
     return runs
-
-
-def run_suite(size: str, out: Path, cache: Path, timeout: float | None, runs: list[tuple[str, dict]],
-              base: dict) -> None:
-    todo = [(n, o) for n, o in runs if results_of(out, n) is None]
-    print(f"image suite {size}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
-    if not todo:
-        return
-    with LocalSuperLink(out / ".flwr") as link:
-        for i, (name, overrides) in enumerate(todo, 1):
-            t0 = time.time()
-            config = {**base, **overrides, "output-dir": str(out / name), "cache-dir": str(cache)}
-            config.pop("run-name", None)
-            rc = link.run(config, SIZES[size]["clients"], timeout)
-            ok = results_of(out, name) is not None
-            print(f"[{i}/{len(todo)}] {name}: {'ok' if ok else f'FAILED (rc {rc})'} "
-                  f"in {time.time() - t0:.0f}s", flush=True)
-            if not ok:
-                raise SystemExit(f"run {name} failed; see the log above")
 
 
 # ------------------------------------------------------------------------------ report
@@ -354,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     if not args.report_only:
-        run_suite(args.size, out, args.cache.resolve(), args.timeout, runs, base)
+        base.pop("run-name", None)  # each run's folder is out/<name>
+        run_all(f"image suite {args.size}", out, args.cache.resolve(), args.timeout, runs, base,
+                SIZES[args.size]["clients"])
     report(args.size, out, runs)
     docs = (args.docs or ROOT / "docs" / "image" / f"suite-{args.size}").resolve()
     publish(out, docs, runs)

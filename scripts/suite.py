@@ -167,16 +167,23 @@ def run_suite(size: str, out: Path, cache: Path, timeout: float | None, **select
         key = json.dumps(RunConfig.from_run_config({**spec["config"], **overrides}).flat(), sort_keys=True)
         if first.setdefault(key, name) != name and not (out / name).exists() and not (out / name).is_symlink():
             (out / name).symlink_to(first[key])
-    todo = [(n, o) for n, o in runs if results_of(out, n) is None and not (out / n).is_symlink()]
-    print(f"suite {size}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
+    run_all(f"suite {size}", out, cache, timeout, [(n, o) for n, o in runs if not (out / n).is_symlink()],
+            spec["config"], spec["clients"])
+
+
+def run_all(title: str, out: Path, cache: Path, timeout: float | None, runs: list[tuple[str, dict]],
+            base: dict, clients: int) -> None:
+    """Each unfinished run (``out/<name>``, config ``base`` + its overrides) as a real `flwr run`
+    on one local SuperLink, in order; a failed run stops the suite, naming it."""
+    todo = [(n, o) for n, o in runs if results_of(out, n) is None]
+    print(f"{title}: {len(runs) - len(todo)} runs done, {len(todo)} to run", flush=True)
     if not todo:
         return
     with LocalSuperLink(out / ".flwr") as link:
         for i, (name, overrides) in enumerate(todo, 1):
             t0 = time.time()
-            config = {**spec["config"], **overrides, "output-dir": str(out / name),
-                      "cache-dir": str(cache)}
-            rc = link.run(config, spec["clients"], timeout)
+            config = {**base, **overrides, "output-dir": str(out / name), "cache-dir": str(cache)}
+            rc = link.run(config, clients, timeout)
             ok = results_of(out, name) is not None
             print(f"[{i}/{len(todo)}] {name}: {'ok' if ok else f'FAILED (rc {rc})'} "
                   f"in {time.time() - t0:.0f}s", flush=True)
