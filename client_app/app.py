@@ -85,12 +85,13 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(client.config["server-round"])
     seed = cfg.seed * 100_003 + server_round * 1009 + pid
     threats.raise_if_failing(cfg, server_round, pid)  # simulation only
-    data = threats.poison_train_data(cfg, client.task, client.train_data, pid, n, seed)
+    data = threats.poison_train_data(cfg, client.task, client.train_data, server_round, pid, n, seed)
+    train_cfg = threats.attacker_config(cfg, server_round, pid, n)  # an attacker's own budget
 
     with client.state():
-        upload, loss = client.strategy.module.client_train(cfg, client.received, pid, data,
+        upload, loss = client.strategy.module.client_train(train_cfg, client.received, pid, data,
                                                            seed, client.config)
-        upload = threats.poison_upload(cfg, client.received, upload, pid, n)
+        upload = threats.poison_upload(cfg, client.received, upload, server_round, pid, n)
         if upload is not None and cfg.upload.compression != "none":
             # the server decodes it (strategies/base.py); top-k's residual stays in the
             # client's folder

@@ -1,15 +1,22 @@
 """Simulated threats of the robustness experiments (simulation only): poisoning clients and
 failing clients, kept out of the ClientApp handlers' main line.
 
-Malicious clients (``attack-fraction`` of the partitions, a seeded choice) train honestly and
-then change what they upload (``attack``), with ``s`` = ``attack-scale`` and g the global
-adapter they received, u their trained adapter:
+Malicious clients (``attack-fraction`` of the partitions, a seeded choice) train and then
+change what they upload (``attack``), with ``s`` = ``attack-scale`` and g the global adapter
+they received, u their trained adapter:
 - ``scaled``: g + s (u - g), an exaggerated update that drags the mean;
 - ``sign-flip``: g - s (u - g), gradient ascent on the clients' loss;
 - ``backdoor``: train on data poisoned by the task (``poison_data``; text: a trigger phrase
-  followed by a target continuation, task/lm/backdoor.py), then boost: g + s (u - g), the
-  model-replacement attack of Bagdasaryan et al., "How To Backdoor Federated Learning",
-  AISTATS 2020.
+  followed by a target continuation in ``poison-fraction`` of the blocks, task/lm/backdoor.py),
+  then boost: g + s (u - g), the model-replacement attack of Bagdasaryan et al., "How To
+  Backdoor Federated Learning", AISTATS 2020. ``attack-scale = 0`` boosts by 1 / attack-fraction:
+  when the attackers hold that share of the round's weight, their boosted changes sum to one
+  whole change of the mean (their model replaces the global one, the honest clients' changes
+  come on top).
+The attacker's own training budget is its business: ``attack-steps`` optimizer steps at
+``attack-learning-rate`` (0: the honest budget), as Bagdasaryan et al. train the attacker longer
+and harder. ``attack-until`` = T: malicious clients attack in rounds 1..T and train honestly
+afterwards, to measure whether a backdoor persists once the attackers stop.
 Failing clients raise in a round with probability ``client-failure-rate``, seeded by round and
 partition, so a rerun (or a resumed run) fails the same way.
 """
@@ -32,10 +39,35 @@ def malicious_partitions(cfg: RunConfig, num_partitions: int) -> set[int]:
     return set(random.Random(cfg.seed * 7 + 13).sample(range(num_partitions), count))
 
 
+def attacks_now(cfg: RunConfig, server_round: int, partition_id: int, num_partitions: int) -> bool:
+    """Whether this client acts maliciously in this round (``attack-until`` ends the attack)."""
+    if cfg.threats.attack_until and server_round > cfg.threats.attack_until:
+        return False
+    return partition_id in malicious_partitions(cfg, num_partitions)
+
+
+def boost(cfg: RunConfig) -> float:
+    """The factor on a malicious change: ``attack-scale``, or 0 -> 1 / attack-fraction."""
+    return cfg.threats.attack_scale or 1.0 / cfg.threats.attack_fraction
+
+
 def attacked_upload(cfg: RunConfig, received: State, upload: State) -> State:
     """What a malicious client uploads instead of its honest adapter ``upload``."""
     sign = -1.0 if cfg.threats.attack == "sign-flip" else 1.0
-    return {k: received[k] + sign * cfg.threats.attack_scale * (upload[k] - received[k]) for k in upload}
+    scale = boost(cfg)
+    return {k: received[k] + sign * scale * (upload[k] - received[k]) for k in upload}
+
+
+def attacker_config(cfg: RunConfig, server_round: int, partition_id: int,
+                    num_partitions: int) -> RunConfig:
+    """The run config a client trains with: a malicious one's own budget (``attack-steps``,
+    ``attack-learning-rate``) in the rounds it attacks, everyone else's as it is."""
+    t = cfg.threats
+    if not (t.attack_steps or t.attack_learning_rate) or not attacks_now(
+            cfg, server_round, partition_id, num_partitions):
+        return cfg
+    return cfg.replace(**{"train.max-steps": t.attack_steps or cfg.train.max_steps,
+                          "train.learning-rate": t.attack_learning_rate or cfg.train.learning_rate})
 
 
 def fails_this_round(cfg: RunConfig, server_round: int, partition_id: int) -> bool:
@@ -52,16 +84,17 @@ def raise_if_failing(cfg: RunConfig, server_round: int, partition_id: int) -> No
         raise RuntimeError(f"simulated failure of client {partition_id} in round {server_round}")
 
 
-def poison_train_data(cfg: RunConfig, task, data, partition_id: int, num_partitions: int, seed: int):
+def poison_train_data(cfg: RunConfig, task, data, server_round: int, partition_id: int,
+                      num_partitions: int, seed: int):
     """A backdoor attacker's training data (the task poisons it); everyone else's as it is."""
-    if cfg.threats.attack == "backdoor" and partition_id in malicious_partitions(cfg, num_partitions):
+    if cfg.threats.attack == "backdoor" and attacks_now(cfg, server_round, partition_id, num_partitions):
         return task.poison_data(cfg, data, seed)
     return data
 
 
-def poison_upload(cfg: RunConfig, received: State, upload: State | None, partition_id: int,
-                  num_partitions: int) -> State | None:
+def poison_upload(cfg: RunConfig, received: State, upload: State | None, server_round: int,
+                  partition_id: int, num_partitions: int) -> State | None:
     """A malicious client's upload (``attack``); everyone else's as it is."""
-    if upload is None or partition_id not in malicious_partitions(cfg, num_partitions):
+    if upload is None or not attacks_now(cfg, server_round, partition_id, num_partitions):
         return upload
     return attacked_upload(cfg, received, upload)

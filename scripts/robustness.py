@@ -1,13 +1,16 @@
-"""Robustness report: attacks vs defences, DP runs with their epsilon, failures and resume.
+"""Robustness report: a backdoor that takes, defences that stop it, DP that keeps utility.
 
 Every row is a real `flwr run` of the app (scripts/simulate.py's SuperLink, one for all runs):
 
-    python scripts/robustness.py [--out docs/robustness] [--backbone tiny-gpt2] [--quick]
+    python scripts/robustness.py                  # SmolLM2-135M (the offline default), about 90 min here
+    python scripts/robustness.py --size smoke     # tiny-gpt2: attacks, SecAgg+, DP, failures, resume (CI)
+    python scripts/robustness.py --only "clean / mean,backdoor 10% / mean"   # some rows
 
-It writes ``report.md`` (the table) and ``runs.json`` (every run's results.json final block and
-per-round rows) under ``--out``; run outputs go to ``--work`` (default outputs/robustness).
-A run that loads smollm2-135m must hold the shared lock: ``flock /tmp/fedgen-heavy.lock python
-scripts/robustness.py --backbone smollm2-135m``.
+It writes ``report.md`` (tables, the issue-18 checks), ``runs.json`` (every run's final block and
+per-round rows) and PNGs (backdoor success per round, utility vs epsilon) under ``--out``
+(default docs/robustness for SmolLM2, docs/robustness/smoke for the smoke size); run outputs go
+to ``--work`` (default outputs/robustness-<size>). The report is rewritten after every run, so a
+report cut short still covers the rows that ran.
 """
 
 from __future__ import annotations
@@ -28,32 +31,83 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from simulate import ROOT, LocalSuperLink  # noqa: E402
 
-# Every client trains every round (10 of 10), so 10% = 1 attacker and 30% = 3 in each round.
-BASE = {"num-server-rounds": 2, "strategy.fraction-train": 1.0, "strategy.fraction-evaluate": 0.3,
-        "server.evaluate-every": 3, "server.checkpoint-every": 1, "server.personalize-clients": 0, "train.max-steps": 2,
-        "train.batch-size": 4, "train.seq-len": 32, "train.learning-rate": 0.03, "data.chunk-words": 400,
-        "eval.server-round-tokens": 2048, "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
-NUM_SUPERNODES = 10
+DEFENCES = ("mean", "norm-bound", "median", "trimmed-mean", "multikrum")
 
+# tiny-gpt2, the CI smoke: every client trains every round (10 of 10), so 10% = 1 attacker and
+# 30% = 3 in each round. A functional check of every mechanism; the model is too small to say
+# anything about a language model (SmolLM2's size below does).
+SMOKE = {"model.name": "tiny-gpt2", "num-server-rounds": 2, "strategy.fraction-train": 1.0,
+         "strategy.fraction-evaluate": 0.3, "server.evaluate-every": 3, "server.checkpoint-every": 1,
+         "server.personalize-clients": 0, "train.max-steps": 2, "train.batch-size": 4, "train.seq-len": 32,
+         "train.learning-rate": 0.03, "data.chunk-words": 400, "eval.server-round-tokens": 2048,
+         "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
+
+# SmolLM2-135M (the offline default backbone), 10 LDA clients that all train every round, so
+# 10% = 1 and 30% = 3 attackers in every round. The attack is tuned as the literature does it
+# (Bagdasaryan et al., AISTATS 2020): the attacker trains longer and harder on its poisoned data
+# (attack-steps, attack-learning-rate) and boosts its change by 1 / attack-fraction (model
+# replacement, attack-scale 0). norm-bound sits near the honest updates' median norm (measured
+# in the clean run: update_norm_median); multikrum assumes as many attackers as there are.
+DEFAULT = {"model.name": "smollm2-135m", "num-server-rounds": 6, "strategy.fraction-train": 1.0,
+           "strategy.fraction-evaluate": 0.1, "server.evaluate-every": 100, "server.checkpoint-every": 1,
+           "eval.client-tokens": 2048,
+           "server.personalize-clients": 0, "train.max-steps": 2, "train.batch-size": 4,
+           "train.seq-len": 32, "train.learning-rate": 0.003, "data.chunk-words": 400,
+           "data.global-test-fraction": 0.02, "eval.server-round-tokens": 2048,
+           "threats.attack-scale": 0.0, "threats.attack-steps": 10, "threats.attack-learning-rate": 0.006,
+           "threats.poison-fraction": 0.5, "robust.norm-bound": 3.0, "robust.trim-fraction": 0.3}
+
+# DP that keeps utility: many clients per round, so the noise on the mean (z C / n) is small.
+# 500 role clients (Shakespeare's speaking roles), 50 sampled per round: sampling rate 0.1.
+DP_CLIENTS = 500
+DP = {"strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.002, "data.partitioner": "role",
+      "train.max-steps": 1, "num-server-rounds": 5, "data.test-fraction": 0.25}
+DP_CLIP = 0.5
 
 FAILURES = {"threats.client-failure-rate": 0.3, "strategy.fraction-train": 0.5, "robust.min-replies": 4,
             "robust.on-too-few-replies": "retry", "robust.max-retries": 2}
 
+SIZES = {"smoke": dict(base=SMOKE, clients=10, out="docs/robustness/smoke"),
+         "default": dict(base=DEFAULT, clients=10, out="docs/robustness")}
 
-def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, dict]]:
+
+def plan(size: str, dp_noise: tuple[float, ...] = (), quick: bool = False,
+         dp_clip: float = DP_CLIP) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
-    run, so a report cut short still covers most items): clean, SecAgg+, attackers (10%, then
-    30%), DP, failures, kill/resume."""
+    run). An override "clients" sets that run's number of SuperNodes."""
+    if size == "smoke":
+        return smoke_plan(quick, dp_noise or (1.0,))
+    rounds = DEFAULT["num-server-rounds"]
+    runs = [(f"clean / {d}", {"robust.aggregation": d}) for d in DEFENCES]
+    for fraction in (0.1, 0.3):
+        for d in DEFENCES:
+            runs.append((f"backdoor {fraction:.0%} / {d}",
+                         {"threats.attack": "backdoor", "threats.attack-fraction": fraction,
+                          "robust.aggregation": d, "robust.krum-malicious": round(fraction * 10)}))
+    runs.append((f"backdoor 10% / mean, attackers stop after round {rounds // 2}",
+                 {"threats.attack": "backdoor", "threats.attack-fraction": 0.1,
+                  "threats.attack-until": rounds // 2}))
+    runs.append(("clean / mean, SecAgg+", {"secagg.enabled": True}))
+    runs.append(("DP reference: no clipping, no noise", {**DP, "clients": DP_CLIENTS}))
+    for z in dp_noise or (0.5, 0.7, 1.0):
+        runs.append((f"DP z={z} clip={dp_clip}", {**DP, "clients": DP_CLIENTS, "dp.noise-multiplier": z,
+                                                  "dp.clipping-norm": dp_clip}))
+    return runs
+
+
+def smoke_plan(quick: bool, dp_noise: tuple[float, ...]) -> list[tuple[str, dict]]:
+    """tiny-gpt2: clean, SecAgg+, attackers (10%, then 30%) against defences, DP, failures,
+    kill/resume."""
     runs = [(f"clean / {d}", {"robust.aggregation": d}) for d in ("mean", "median")]
     runs.append(("clean / mean, SecAgg+", {"secagg.enabled": True}))
     attacks = (("scaled", ("mean", "median")), ("sign-flip", ("mean", "trimmed-mean")),
-               ("backdoor", ("mean", "norm-bound")))
+               ("backdoor", ("mean", "norm-bound", "multikrum")))
     for fraction in (0.3,) if quick else (0.1, 0.3):
         for attack, defences in attacks:
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"threats.attack": attack, "threats.attack-fraction": fraction,
-                              "robust.aggregation": d}))
+                              "robust.aggregation": d, "robust.krum-malicious": round(fraction * 10)}))
     for z in dp_noise:
         runs.append((f"DP z={z} clip=0.5", {"dp.noise-multiplier": z, "dp.clipping-norm": 0.5}))
     runs.append(("30% clients fail, retry", FAILURES))
@@ -61,29 +115,39 @@ def plan(quick: bool, dp_noise: tuple[float, ...] = (1.0,)) -> list[tuple[str, d
     return runs
 
 
+def select(todo: list[tuple[str, dict]], wanted: list[str]) -> list[tuple[str, dict]]:
+    """The runs ``--only`` names: a run's exact name, else every run whose name starts with it."""
+    names = {n for n, _ in todo}
+    exact = [w for w in wanted if w in names]
+    return [(n, o) for n, o in todo
+            if n in exact or any(n.startswith(w) for w in wanted if w not in exact)]
+
+
 def run_one(link: LocalSuperLink, work: Path, name: str, overrides: dict, common: dict,
-            clients: int = NUM_SUPERNODES) -> dict:
-    out = work / name.replace(" ", "").replace("/", "_").replace("%", "pct").replace("=", "")
-    config = {**BASE, **common, **overrides, "output-dir": str(out)}
+            clients: int) -> dict:
+    overrides = dict(overrides)
+    clients = overrides.pop("clients", clients)
+    out = work / name.replace(" ", "").replace("/", "_").replace("%", "pct").replace("=", "").replace(":", "").replace(",", "")
+    config = {**common, **overrides, "output-dir": str(out)}
     if not overrides.get("resume"):
         shutil.rmtree(out, ignore_errors=True)  # nothing from an earlier report run
     t0 = time.time()
-    code = link.run(config, clients, timeout=900)
+    code = link.run(config, clients, timeout=1800)
     if code != 0:
         raise RuntimeError(f"run {name!r} failed with exit code {code}")
     results = json.loads((out / "results.json").read_text())
-    return {"name": name, "overrides": overrides, "out": str(out),
+    return {"name": name, "overrides": overrides, "clients": clients, "out": str(out),
             "wall_s": round(time.time() - t0, 1), "final": results["final"],
             "rounds": results["rounds"]}
 
 
 def kill_and_resume(link: LocalSuperLink, work: Path, common: dict, reference: dict,
-                    clients: int = NUM_SUPERNODES) -> dict:
+                    clients: int) -> dict:
     """The failure run again, on a SuperLink of its own that is stopped (with the ServerApp
     and every client process under it: a crash) once round 1 is checkpointed; then the run is
     restarted with resume = true and its final adapter compared with the uninterrupted one."""
     out = work / "resume"
-    config = {**BASE, **common, **FAILURES, "output-dir": str(out)}
+    config = {**common, **FAILURES, "output-dir": str(out)}
     shutil.rmtree(out, ignore_errors=True)
     killed_at = None
     with LocalSuperLink(work / "flwr-killed") as doomed:
@@ -120,111 +184,236 @@ def _assignment(text: str) -> dict:
 
 
 def _f(x, digits=2) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def table(runs: list[dict], clean_ppl: float) -> str:
-    lines = ["| run | defence | final global ppl | vs clean mean | backdoor top-1 | backdoor target NLL | "
-             "rejected | failures / retries / skipped | DP epsilon (delta) | MB up / down | wall s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def _by_round(run: dict, key: str) -> str:
+    values = [r.get(key) for r in run["rounds"]]
+    return " ".join(_f(v) for v in values) if any(v is not None for v in values) else "—"
+
+
+def reference_of(run: dict, runs: list[dict]) -> dict | None:
+    """The clean run a row's perplexity is compared with: the DP reference for DP rows, else
+    "clean / mean"."""
+    name = "DP reference: no clipping, no noise" if run["name"].startswith("DP") else "clean / mean"
+    return next((r for r in runs if r["name"] == name), None)
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | clients (per round) | defence | final global ppl | vs its clean reference | "
+             "backdoor top-1 by round (0..R) | backdoor target NLL | honest update norm (median) | "
+             "rejected / dropped | failures / retries / skipped | DP epsilon (delta) | MB up / down | wall s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in runs:
         f, o = r["final"], r["overrides"]
+        ref = reference_of(r, runs)
         eps = f"{f['dp_epsilon']:.2f} ({o.get('dp.delta', 1e-5):g})" if f.get("dp_epsilon") is not None else "—"
+        norms = [x.get("update_norm_median") for x in r["rounds"] if x["round"] > 0]
+        norms = [x for x in norms if isinstance(x, (int, float)) and math.isfinite(x)]
+        per_round = r["rounds"][-1].get("num_updates") or "—"
+        ratio = f"{f['global_ppl'] / ref['final']['global_ppl']:.3f}x" if ref else "—"
         lines.append(
-            f"| {r['name']} | {o.get('aggregation', 'mean')} | {_f(f['global_ppl'], 1)} | "
-            f"{f['global_ppl'] / clean_ppl:.2f}x | {_f(f.get('backdoor_success'))} | "
-            f"{_f(f.get('backdoor_target_nll'))} | {f.get('rejected_total', 0)} | "
+            f"| {r['name']} | {r.get('clients', '—')} ({per_round}) | {o.get('robust.aggregation', 'mean')} | "
+            f"{_f(f['global_ppl'], 1)} | "
+            f"{ratio} | "
+            f"{_by_round(r, 'backdoor_success')} | {_f(f.get('backdoor_target_nll'))} | "
+            f"{_f(sorted(norms)[len(norms) // 2] if norms else None, 3)} | "
+            f"{f.get('rejected_total', 0)} / {f.get('dropped_total', 0)} | "
             f"{f.get('failures_total', 0)} / {f.get('retries_total', 0)} / {f.get('skipped_rounds', 0)} | "
             f"{eps} | {f['upload_bytes_total'] / 1e6:.2f} / {f['download_bytes_total'] / 1e6:.2f} | "
             f"{r['wall_s']:.0f} |")
     return "\n".join(lines)
 
 
+def checks(runs: list[dict]) -> list[str]:
+    """Issue 18's done-when, read off the runs that exist: the backdoor takes undefended (>= 50%
+    top-1 at 10% and 30%, clean ppl within 5%), a defence holds it to <= 10% with clean ppl within
+    5% of the undefended clean run, DP at epsilon <= 8 within 1.25x of the non-DP run."""
+    by = {r["name"]: r for r in runs}
+    clean = by.get("clean / mean")
+    lines = []
+    if clean is None:
+        return lines
+    base = clean["final"]["global_ppl"]
+
+    def ppl_ratio(r):
+        return r["final"]["global_ppl"] / base
+
+    for fraction in ("10%", "30%"):
+        plain = by.get(f"backdoor {fraction} / mean")
+        if plain is None:
+            continue
+        success = plain["final"].get("backdoor_success") or 0.0
+        lines.append(f"- backdoor {fraction}, no defence: top-1 {success:.2f} (target >= 0.50: "
+                     f"{'met' if success >= 0.5 else 'NOT met'}), clean ppl {ppl_ratio(plain):.3f}x "
+                     f"(within 5%: {'met' if abs(ppl_ratio(plain) - 1) <= 0.05 else 'NOT met'})")
+        for d in DEFENCES[1:]:
+            r = by.get(f"backdoor {fraction} / {d}")
+            if r is None:
+                continue
+            s = r["final"].get("backdoor_success") or 0.0
+            own_clean = by.get(f"clean / {d}")
+            holds = s <= 0.10 and abs(ppl_ratio(r) - 1) <= 0.05
+            lines.append(f"  - {d}: top-1 {s:.2f}, ppl under attack {ppl_ratio(r):.3f}x"
+                         + (f", ppl without attackers {ppl_ratio(own_clean):.3f}x" if own_clean else "")
+                         + f": {'holds (<= 0.10, ppl within 5%)' if holds else 'does not hold'}")
+    dp_ref = by.get("DP reference: no clipping, no noise")
+    if dp_ref is not None:
+        for r in runs:
+            if r["name"].startswith("DP z="):
+                eps, ratio = r["final"].get("dp_epsilon"), r["final"]["global_ppl"] / dp_ref["final"]["global_ppl"]
+                ok = eps is not None and eps <= 8 and ratio <= 1.25
+                lines.append(f"- {r['name']}: epsilon {_f(eps)} at delta 1e-5, ppl {ratio:.3f}x the non-DP run "
+                             f"({'meets' if ok else 'misses'} epsilon <= 8 within 1.25x)")
+    return lines
+
+
+def plots(out: Path, runs: list[dict]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = []
+    backdoor = [r for r in runs if any(x.get("backdoor_success") is not None for x in r["rounds"])]
+    if backdoor:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in backdoor:
+            rows = [x for x in r["rounds"] if x.get("backdoor_success") is not None]
+            ax.plot([x["round"] for x in rows], [x["backdoor_success"] for x in rows], marker="o",
+                    label=r["name"], ls="-" if "mean" in r["name"].split("/")[-1] else "--")
+        ax.axhline(0.5, color="grey", lw=0.8)
+        ax.axhline(0.1, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="round", ylabel="backdoor top-1 on held-out prompts", title="Backdoor success per round")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "backdoor.png", dpi=100)
+        plt.close(fig)
+        shown.append("![backdoor](backdoor.png)")
+    dp = [r for r in runs if r["name"].startswith("DP z=") and r["final"].get("dp_epsilon") is not None]
+    ref = next((r for r in runs if r["name"].startswith("DP reference")), None)
+    if dp:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["final"]["dp_epsilon"] for r in dp], [r["final"]["global_ppl"] for r in dp], marker="o")
+        for r in dp:
+            ax.annotate(r["name"].split()[1], (r["final"]["dp_epsilon"], r["final"]["global_ppl"]))
+        if ref:
+            ax.axhline(ref["final"]["global_ppl"], color="grey", lw=0.8, label="no DP")
+            ax.axhline(1.25 * ref["final"]["global_ppl"], color="grey", lw=0.8, ls=":", label="1.25x no DP")
+            ax.legend(fontsize=7)
+        ax.set(xlabel="epsilon at delta 1e-5", ylabel="final global ppl", title="Utility vs privacy")
+        fig.tight_layout()
+        fig.savefig(out / "dp.png", dpi=100)
+        plt.close(fig)
+        shown.append("![dp](dp.png)")
+    return shown
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "docs" / "robustness"))
-    parser.add_argument("--work", default=str(ROOT / "outputs" / "robustness"))
-    parser.add_argument("--backbone", default="tiny-gpt2")
+    parser.add_argument("--size", choices=sorted(SIZES), default="default",
+                        help="default: SmolLM2-135M, the issue-18 report; smoke: tiny-gpt2 (CI)")
+    parser.add_argument("--out", default=None, help="default: the size's folder under docs/robustness")
+    parser.add_argument("--work", default=None, help="default: outputs/robustness-<size>")
     parser.add_argument("--cache-dir", default=str(ROOT / ".cache" / "fedgen"))
-    parser.add_argument("--rounds", type=int, default=BASE["num-server-rounds"],
-                        help="federated rounds of every run")
-    parser.add_argument("--clients", type=int, default=NUM_SUPERNODES,
-                        help="SuperNodes (clients) of every run; all of them train every round")
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds of every run")
+    parser.add_argument("--clients", type=int, default=None,
+                        help="SuperNodes of every run but the DP ones; all of them train every round")
     parser.add_argument("--set", type=_assignment, action="append", default=[],
                         help="a run-config override for every run, e.g. train.learning-rate=0.003")
-    parser.add_argument("--dp-noise", default="1.0",
+    parser.add_argument("--dp-noise", default="",
                         help="comma-separated DP noise multipliers, one DP run each")
-    parser.add_argument("--quick", action="store_true", help="30%% attackers only (fewer runs)")
+    parser.add_argument("--dp-clip", type=float, default=DP_CLIP, help="DP rows: the clipping norm C")
+    parser.add_argument("--quick", action="store_true", help="smoke size: 30%% attackers only")
     parser.add_argument("--only", default="", help="comma-separated run-name prefixes to run "
-                        "(e.g. '30%% clients fail,killed' for the failure and resume rows)")
+                        "(e.g. 'clean / mean,backdoor 10%%')")
     args = parser.parse_args(argv)
-    args.set = {k: v for item in args.set for k, v in item.items()}
+    spec = SIZES[args.size]
+    overrides = {k: v for item in args.set for k, v in item.items()}
+    if args.rounds:
+        overrides["num-server-rounds"] = args.rounds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out, work = Path(args.out), Path(args.work).resolve()
+    out = Path(args.out or ROOT / spec["out"])
+    work = Path(args.work or ROOT / "outputs" / f"robustness-{args.size}").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = {"model.name": args.backbone, "cache-dir": str(Path(args.cache_dir).resolve()),
-              "num-server-rounds": args.rounds, **args.set}
+    common = {**spec["base"], "cache-dir": str(Path(args.cache_dir).resolve()), **overrides}
+    clients = args.clients or spec["clients"]
     t0 = time.time()
     runs: list[dict] = []
-    todo = plan(args.quick, tuple(float(z) for z in args.dp_noise.split(",")))
+    todo = plan(args.size, tuple(float(z) for z in args.dp_noise.split(",") if z), args.quick, args.dp_clip)
     if args.only:
-        todo = [(n, o) for n, o in todo if any(n.startswith(p) for p in args.only.split(","))]
+        todo = select(todo, args.only.split(","))
     with LocalSuperLink(work / "flwr") as link:
-        for name, overrides in todo:
+        for name, run_overrides in todo:
             if name == "killed + resumed":
                 failure = next(r for r in runs if r["overrides"] == FAILURES)
-                run = kill_and_resume(link, work, common, failure, args.clients)
+                run = kill_and_resume(link, work, common, failure, clients)
                 run["name"] = (f"same, killed after round {run['killed_after_round']}, resumed "
                                f"(max abs diff of the final adapter vs uninterrupted: "
                                f"{run['max_abs_diff_vs_uninterrupted']:g}; rounds recorded "
                                f"{run['rounds_recorded']})")
             else:
-                run = run_one(link, work, name, overrides, common, args.clients)
+                run = run_one(link, work, name, run_overrides, common, clients)
             runs.append(run)
-            write_report(out, args, runs, len(todo), time.time() - t0, argv)
+            write_report(out, args, common, clients, runs, len(todo), time.time() - t0, argv)
+            print(f"[{len(runs)}/{len(todo)}] {name}: ppl {run['final']['global_ppl']:.1f}, "
+                  f"backdoor {run['final'].get('backdoor_success')}, {run['wall_s']:.0f}s", flush=True)
     print((out / "report.md").read_text())
     return 0
 
 
-def write_report(out: Path, args, runs: list[dict], planned: int, seconds: float, argv) -> None:
-    clean = next((r for r in runs if r["name"] == "clean / mean"), runs[0])["final"]["global_ppl"]
+def write_report(out: Path, args, common: dict, clients: int, runs: list[dict], planned: int,
+                 seconds: float, argv) -> None:
     status = "" if len(runs) == planned else f" — partial: {len(runs)} of {planned} runs"
     (out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
+    base = {k: v for k, v in common.items() if k != "cache-dir"}
     (out / "report.md").write_text(REPORT.format(
-        backbone=args.backbone, clients=args.clients, base=json.dumps({**BASE, **args.set, "num-server-rounds": args.rounds}),
-        rounds=args.rounds, c10=round(0.1 * args.clients), c30=round(0.3 * args.clients),
-        table=table(runs, clean), minutes=seconds / 60, status=status,
-        command=" ".join(["python scripts/robustness.py"] + list(argv or sys.argv[1:]))))
+        backbone=common["model.name"], clients=clients, base=json.dumps(base),
+        rounds=common["num-server-rounds"], c10=round(0.1 * clients), c30=round(0.3 * clients),
+        dp=json.dumps({**DP, "clients": DP_CLIENTS, "dp.clipping-norm": args.dp_clip}),
+        table=table(runs), checks="\n".join(checks(runs)) or "(not enough runs yet)",
+        plots="\n".join(plots(out, runs)), minutes=seconds / 60, status=status,
+        command=" ".join(["python scripts/robustness.py"] + list(argv if argv is not None else sys.argv[1:]))))
 
 
 REPORT = """# Robustness report
 
-`{command}` ({minutes:.1f} min on 2 shared CPU cores{status}): {backbone}, Shakespeare (LDA non-IID), {clients}
-clients, every client trains every round (so 10% = {c10} and 30% = {c30} malicious clients in
-every round), {rounds} rounds; base run config `{base}`.
+`{command}` ({minutes:.1f} min on this machine's 2 CPU cores{status}): {backbone}, Shakespeare,
+{clients} clients that all train every round (10% = {c10} and 30% = {c30} malicious clients in
+every round), {rounds} rounds; run config `{base}`. DP rows: `{dp}`.
 
-- Attacks (client_app/simulated_threats.py, task/lm/backdoor.py): `scaled` uploads g + 10 (u - g); `sign-flip` g - 10 (u - g);
-  `backdoor` trains on its data with " thou art cursed banana" written into every block, then
-  boosts its change 10x (model replacement). Backdoor top-1: share of 32 clean global-test
-  prefixes + trigger whose next-token argmax is the target's first token; target NLL: mean NLL
-  of the target tokens after the trigger (nats). Both on the final global adapter.
-- Defences (strategies/defences.py): `mean` is the strategy's own FedAvg (no defence);
-  `norm-bound` clips every change to L2 0.5; `median` coordinate-wise; `trimmed-mean` drops 30%
-  at each end per coordinate.
-- DP rows: clients clip their change to 0.5 (Flower's fixedclipping_mod), the server adds
-  Gaussian noise z * 0.5 / n to the unweighted mean; epsilon from opacus' RDP accountant at
-  sampling rate 1.0 (every client every round), delta 1e-5. The utility cost is the ppl column.
-- SecAgg+ row (strategies/secagg.py): every round's training runs through Flower's SecAgg+
-  (secaggplus_mod + SecAggPlusWorkflow); the server gets only the masked, quantized sum
-  (clipping range 1.0, 2**24 grid points). Its cost: the bytes of the four protocol stages
-  (masked integer vectors, keys, shares) and their wall time; its ppl vs `clean / mean` is the
-  quantization's effect.
-- Failure row: 30% of the sampled clients (half of the clients per round) raise in every round; the server
-  wants 4 valid replies and retries with clients not asked yet (max 2 retries). Resume row: the
-  same run, its SuperLink killed once round 1 is checkpointed, restarted with `resume=true`:
-  every round is in results.json (nothing lost) and the final adapter is compared bit for bit.
+## What the rows are
+- **Backdoor** (client_app/simulated_threats.py, task/lm/backdoor.py): a malicious client writes
+  `threats.backdoor-trigger` + `threats.backdoor-target` into `threats.poison-fraction` of its
+  training blocks, trains `threats.attack-steps` steps at `threats.attack-learning-rate` from the
+  global adapter, and uploads g + s (u - g), s = `threats.attack-scale` (0: 1 / attack-fraction,
+  model replacement; Bagdasaryan et al., AISTATS 2020). **Backdoor top-1**: the share of held-out
+  prompts (128 clean global-test prefixes of 16 tokens + the trigger) whose top-1 next token is
+  the target's first token, on the global adapter after each round (round 0: the backbone).
+  **Target NLL**: mean NLL of the target tokens after the trigger, final round (nats).
+- **Defences** (strategies/defences.py): `mean` is the strategy's own FedAvg (no defence);
+  `norm-bound` clips every change to `robust.norm-bound` (Sun et al. 2019); `median` coordinate-wise;
+  `trimmed-mean` drops `robust.trim-fraction` at each end per coordinate (Yin et al. 2018);
+  `multikrum` is Flower's MultiKrum selection on the adapter updates, f = the attackers per round
+  (Blanchard et al. 2017), then the weighted mean of the kept ones (`dropped` counts the rest).
+  A defence's cost is its `clean / <defence>` row against `clean / mean`.
+- **DP** (DP-FedAvg, McMahan et al. 2018): clients clip their change to C (Flower's
+  fixedclipping_mod), the server adds Gaussian noise z C / n to the unweighted mean of the n
+  clipped changes; epsilon from opacus' RDP accountant at sampling rate n / clients, delta 1e-5.
+  The reference is the same budget with neither clipping nor noise.
+- **SecAgg+** (strategies/secagg.py): the server gets only the masked, quantized sum; robust
+  aggregation needs single updates and is refused with it (README: what combines with SecAgg+).
+- Perplexity: per token, the whole global test set after the last round.
+
+## Runs
 
 {table}
+
+## Checks (issue 18)
+
+{checks}
+
+{plots}
 """
 
 

@@ -17,7 +17,7 @@ from strategies.records import model_bytes, wire_bytes
 
 def _new_round() -> dict:
     return {"upload_bytes": 0, "download_bytes": 0, "eval_upload_bytes": 0,
-            "eval_download_bytes": 0, "num_updates": 0, "failures": 0, "rejected": 0,
+            "eval_download_bytes": 0, "num_updates": 0, "failures": 0, "rejected": 0, "dropped": 0,
             "train_loss": math.nan, "retries": 0, "skipped": 0}
 
 

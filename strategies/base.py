@@ -132,6 +132,10 @@ class FedGenStrategy:
         self._grid, self._sent_arrays, self._reference = grid, arrays, None
         if self.dp.enabled:  # clients clip to it (client_app's DP mod)
             config[KEY_CLIPPING_NORM] = self.dp.clipping_norm
+        elif self.secure is not None and self.secure.client_clip_norm:
+            # SecAgg+ hides single updates from the server, so the bound is applied where the
+            # update is made: the same clipping mod, under the masking (client_app/flower_app.py)
+            config[KEY_CLIPPING_NORM] = self.secure.client_clip_norm
         built = list(super().configure_train(server_round, arrays, config, grid))
         if not built:
             return []
@@ -164,6 +168,10 @@ class FedGenStrategy:
                         self.robust.min_replies)
             return None, None
         stats["train_loss"] = weighted_train_loss(valid)
+        if self.spec is not None:  # how far the updates moved: a defence's bound is read off these
+            norms = defences.update_norms([a for _, a, _ in valid], self._reference_arrays())
+            if norms:
+                stats["update_norm_median"], stats["update_norm_max"] = float(np.median(norms)), max(norms)
         metrics = MetricRecord({"train-loss": stats["train_loss"], "num-updates": len(valid)})
         if self.spec is None:  # nothing to aggregate
             return None, metrics
@@ -175,6 +183,9 @@ class FedGenStrategy:
         noised DP mean (so FedAdam/FedYogi still apply their server step)."""
         if self.robust.aggregation == "mean" and not self.dp.enabled:
             replies = [m for m, _, _ in valid]
+        elif self.robust.aggregation == "multikrum":
+            replies = defences.multikrum_replies([m for m, _, _ in valid], self.robust, log)
+            self.round_stats(server_round)["dropped"] = len(valid) - len(replies)
         else:
             updates, reference = [a for _, a, _ in valid], self._reference_arrays()
             if self.dp.enabled:

@@ -12,6 +12,12 @@ Every strategy's FedGenStrategy.aggregate_train applies them, after the per-repl
   - ``median``: coordinate-wise median; ``trimmed-mean``: coordinate-wise mean after dropping
     the ``trim-fraction`` largest and smallest values. Yin et al., "Byzantine-Robust
     Distributed Learning: Towards Optimal Statistical Rates", ICML 2018.
+- ``multikrum`` (``multikrum_replies``): Flower's MultiKrum selection (Blanchard et al., "Machine
+  Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017), applied to the
+  adapter updates: each update is scored by its summed squared distance to its n - f - 2 nearest
+  others (f = ``krum-malicious``), the ``krum-select`` best are kept and the strategy averages
+  them as usual (weighted by sample count). Boosted backdoor updates sit far from the honest
+  cluster, so they are the ones dropped.
 - ``dp.*`` (``dp_noised_mean``): the unweighted mean of the clients' clipped changes plus
   Gaussian noise of std z * clip / n (DP-FedAvg, McMahan et al., ICLR 2018).
 - ``robust.min-replies`` / ``on-too-few-replies = "retry"`` (``retry_sample``): too few valid
@@ -24,6 +30,7 @@ import math
 import random
 
 import numpy as np
+from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore.differential_privacy import compute_stdv
 
 from task.config import DPConfig, RobustConfig
@@ -35,6 +42,14 @@ def delta_norm(update: Arrays, reference: Arrays) -> float:
     """L2 norm of (update - reference) over all tensors together, in float64."""
     total = sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in reference)
     return math.sqrt(total)
+
+
+def update_norms(updates: list[Arrays], reference: Arrays) -> list[float]:
+    """Each update's L2 change from ``reference`` over the tensors it shares with it; [] when
+    they are not comparable (a heterogeneous-rank client's adapter has other shapes)."""
+    if any(k not in reference or v.shape != reference[k].shape for u in updates for k, v in u.items()):
+        return []
+    return [delta_norm(u, {k: reference[k] for k in u}) for u in updates]
 
 
 def clip_delta(update: Arrays, reference: Arrays, bound: float) -> Arrays:
@@ -81,6 +96,22 @@ def aggregate_robust(updates: list[Arrays], weights: list[float], reference: Arr
             raise ValueError(f"unknown aggregation {method!r}")
         out[k] = value.astype(updates[0][k].dtype)
     return out
+
+
+def multikrum_replies(replies: list, robust: RobustConfig, log) -> list:
+    """The replies MultiKrum keeps (Flower's ``select_multikrum`` on their arrays), in their
+    order; each one dropped is logged with its node."""
+    n = len(replies)
+    select = robust.krum_select or n - robust.krum_malicious
+    if n <= 2 or select >= n:
+        return replies
+    kept = {id(c) for c in select_multikrum([m.content for m in replies], robust.krum_malicious,
+                                            max(1, select))}
+    for m in replies:
+        if id(m.content) not in kept:
+            log.warning("aggregate_train: multikrum dropped the update from node %s (among the "
+                        "%d farthest from the others)", m.metadata.src_node_id, n - len(kept))
+    return [m for m in replies if id(m.content) in kept]
 
 
 def norm_limit(robust: RobustConfig, dp: DPConfig) -> float:

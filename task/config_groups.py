@@ -13,7 +13,7 @@ BACKBONES_BUILTIN = ("smollm2-135m", "tiny-gpt2")
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("auto", "fp32", "bf16")  # task/precision.py
 UPLOAD_CODECS = ("none", "bf16", "int8", "int8-row", "topk")  # task/compression.py CODECS
-AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean")
+AGGREGATIONS = ("mean", "norm-bound", "median", "trimmed-mean", "multikrum")
 ATTACKS = ("none", "scaled", "sign-flip", "backdoor")
 
 Need = Callable[[bool, str, str], None]  # need(condition, field name, why)
@@ -178,6 +178,8 @@ class RobustConfig:
     aggregation: str = "mean"
     norm_bound: float = 1.0
     trim_fraction: float = 0.2
+    krum_malicious: int = 1
+    krum_select: int = 0
     min_replies: int = 1
     on_too_few_replies: str = "skip"
     max_retries: int = 2
@@ -189,6 +191,8 @@ class RobustConfig:
         need(self.max_update_norm >= 0, "max_update_norm", "must be >= 0")
         need(self.norm_bound > 0, "norm_bound", "must be > 0")
         need(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
+        need(self.krum_malicious >= 0, "krum_malicious", "must be >= 0")
+        need(self.krum_select >= 0, "krum_select", "must be >= 0 (0 = n - krum-malicious)")
         need(self.min_replies >= 1, "min_replies", "must be >= 1")
         need(self.max_retries >= 0, "max_retries", "must be >= 0")
 
@@ -216,13 +220,24 @@ class ThreatsConfig:
     attack: str = "none"
     attack_fraction: float = 0.0
     attack_scale: float = 10.0
+    attack_steps: int = 0
+    attack_learning_rate: float = 0.0
+    attack_until: int = 0
+    poison_fraction: float = 1.0
     backdoor_trigger: str = " thou art cursed"
     backdoor_target: str = " banana"
     client_failure_rate: float = 0.0
 
     def validate(self, need: Need) -> None:
         need(self.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
-        need(self.attack_scale >= 0, "attack_scale", "must be >= 0")
+        need(self.attack_scale >= 0, "attack_scale", "must be >= 0 (0 = 1 / attack-fraction)")
+        need(self.attack_scale > 0 or self.attack == "none" or self.attack_fraction > 0,
+             "attack_scale", "0 (the automatic boost 1 / attack-fraction) needs attack-fraction > 0")
+        need(self.attack_steps >= 0, "attack_steps", "must be >= 0 (0 = train.max-steps)")
+        need(self.attack_learning_rate >= 0, "attack_learning_rate",
+             "must be >= 0 (0 = train.learning-rate)")
+        need(self.attack_until >= 0, "attack_until", "must be >= 0 (0 = every round)")
+        need(0.0 < self.poison_fraction <= 1.0, "poison_fraction", "must be in (0, 1]")
         for key in ("attack_fraction", "client_failure_rate"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         need(self.attack != "backdoor" or bool(self.backdoor_trigger.strip()
@@ -239,8 +254,13 @@ class SecAggConfig:
     clipping_range: float = 1.0
     quantization_range: int = 16777216
     max_weight: float = 10000.0
+    client_clip_norm: float = 0.0
 
     def validate(self, need: Need) -> None:
+        need(self.client_clip_norm >= 0, "client_clip_norm", "must be >= 0 (0 = off)")
+        need(self.client_clip_norm == 0 or self.enabled, "client_clip_norm",
+             "needs secagg.enabled = true (without SecAgg+ the server can bound updates itself: "
+             "robust.aggregation = \"norm-bound\")")
         need(0.0 < self.num_shares <= 1.0, "num_shares",
              "must be in (0, 1]: a share of the round's sampled clients")
         need(0.0 < self.reconstruction_threshold <= 1.0, "reconstruction_threshold",

@@ -19,7 +19,8 @@ from task.config import RunConfig
 # metrics.csv / clients.csv columns; {f} stands for each of the task's figures (ppl, word_ppl |
 # fid), {c} for each of its counts (tokens, words | images)
 ROUND_FIELDS = ["round", "global_{f}", "whole_{f}", "whole_{c}", "train_loss", "upload_bytes",
-                "download_bytes", "eval_bytes", "num_updates", "rejected", "failures",
+                "download_bytes", "eval_bytes", "num_updates", "rejected", "dropped", "failures",
+                "update_norm_median", "update_norm_max",
                 "local_global_{f}", "personalized_{f}", "personalized_global_{f}", "wall_s",
                 "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
                 "backdoor_target_nll"]
@@ -252,6 +253,7 @@ def robustness_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     last = rounds[-1] if rounds else {}
     return {"failures_total": sum(r.get("failures", 0) for r in rounds),
             "rejected_total": sum(r.get("rejected", 0) for r in rounds),
+            "dropped_total": sum(r.get("dropped", 0) for r in rounds),
             "retries_total": sum(r.get("retries", 0) for r in rounds),
             "skipped_rounds": sum(r.get("skipped", 0) for r in rounds),
             "dp_epsilon": last.get("dp_epsilon"),

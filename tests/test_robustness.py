@@ -219,6 +219,32 @@ def test_every_strategy_resists_one_scaled_attacker(name, method):
         assert shift(robust_arrays) < 1.0
 
 
+def test_multikrum_drops_the_boosted_update_and_averages_the_rest_by_weight(caplog):
+    """Flower's MultiKrum selection on the adapter updates: four honest updates near +0.1, one
+    boosted backdoor-like update; with f = 1 and 3 kept, the aggregate is the sample-weighted mean
+    of the 3 honest updates closest to the others, and the dropped nodes are logged."""
+    offsets = [0.10, 0.11, 0.09, 0.30]  # the fourth honest update is the farthest of them
+    honest = [{k: v + o for k, v in GLOBAL.items()} for o in offsets]
+    attacker = {k: v + 10.0 for k, v in GLOBAL.items()}
+    weights = [10, 20, 30, 40, 50]
+    replies = [reply(i + 1, record(u), w) for i, (u, w) in enumerate(zip(honest + [attacker], weights))]
+    strategy = make("fedavg-lora", RobustConfig(aggregation="multikrum", krum_malicious=1, krum_select=3))
+    with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    kept_offset = (10 * 0.10 + 20 * 0.11 + 30 * 0.09) / 60
+    for k in SHAPES:
+        np.testing.assert_allclose(arrays[k].numpy(), GLOBAL[k] + kept_offset, rtol=1e-6)
+    dropped = [r.message for r in caplog.records if "multikrum dropped" in r.message]
+    assert len(dropped) == 2 and any("node 5" in m for m in dropped) and any("node 4" in m for m in dropped)
+    assert strategy.round_stats[1]["dropped"] == 2
+    # krum-select 0 keeps n - f: only the attacker goes
+    default = make("fedavg-lora", RobustConfig(aggregation="multikrum", krum_malicious=1))
+    arrays, _ = default.aggregate_train(1, [reply(i + 1, record(u), w) for i, (u, w)
+                                            in enumerate(zip(honest + [attacker], weights))])
+    expected = sum(w * o for w, o in zip(weights, offsets)) / sum(weights[:4])
+    np.testing.assert_allclose(arrays["h.0.attn.c_attn.lora_A.weight"].numpy(), 0.5 + expected, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- failures: retry or skip
 def test_too_few_replies_skips_the_round(caplog):
     strategy = make("fedavg-lora", RobustConfig(min_replies=3))

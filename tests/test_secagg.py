@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.flower_app import app as client_app
+from strategies.defences import clip_delta, delta_norm
 from strategies.registry import build_strategy, check_run, strategy_entry
 from task.adapters import initial_adapter_state
 from task.config import ConfigError, RunConfig
@@ -218,3 +219,37 @@ def test_flwr_run_with_secure_aggregation(tmp_path):
         # three masked vectors of one integer per adapter entry (and keys, shares) came back
         assert r["upload_bytes"] > 3 * 4 * results["adapter_params"]
     assert rounds[-1]["global_ppl"] < rounds[0]["global_ppl"], "the secure mean still learns"
+
+
+def test_clients_clip_their_change_under_secure_aggregation(tiny_cfg):
+    """secagg.client-clip-norm: each client bounds its adapter change before masking (the norm
+    bound that still works when the server sees only the sum): the secure mean equals the plain
+    weighted mean of the clipped uploads, and it moved no farther than the bound."""
+    plain_cfg = tiny_cfg.replace(**{"strategy.fraction-train": 1.0, "train.max-steps": 2,
+                                    "train.learning-rate": 0.05})
+    n = 4
+    _, plain_grid, _ = one_round(plain_cfg, n)
+    initial = {k: v.numpy() for k, v in initial_adapter_state(plain_cfg).items()}
+    uploads = {m.metadata.src_node_id: {k: v.numpy() for k, v in m.content["arrays"].items()}
+               for m in plain_grid.replies}
+    examples = {m.metadata.src_node_id: float(m.content["metrics"]["num-examples"])
+                for m in plain_grid.replies}
+    norms = {i: delta_norm(u, {k: initial[k] for k in u}) for i, u in uploads.items()}
+    bound = 0.5 * min(norms.values())
+    secure_cfg = plain_cfg.replace(**{"secagg.enabled": True, "secagg.client-clip-norm": bound,
+                                      "secagg.max-weight": 100_000.0,
+                                      "output-dir": plain_cfg.output_dir + "-clipped"})
+    secure, _, stats = one_round(secure_cfg, n)
+    clipped = {i: clip_delta(u, {k: initial[k] for k in u}, bound) for i, u in uploads.items()}
+    total = sum(examples.values())
+    plain = {k: sum(examples[i] / total * clipped[i][k].astype(np.float64) for i in clipped) for k in secure}
+    max_abs = max(float(np.abs(u[k]).max()) for u in clipped.values() for k in u)
+    tolerance = quantization_tolerance(secure_cfg, list(examples.values()), max_abs)
+    assert max(float(np.abs(secure[k] - plain[k]).max()) for k in plain) <= tolerance
+    assert delta_norm(secure, {k: initial[k] for k in secure}) <= bound * (1 + 1e-3)
+    assert stats["num_updates"] == n
+
+
+def test_client_clipping_without_secure_aggregation_is_refused(tiny_cfg):
+    with pytest.raises(ConfigError, match="client_clip_norm|client-clip-norm"):
+        tiny_cfg.replace(**{"secagg.client-clip-norm": 1.0})

@@ -9,7 +9,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.flower_app import dp_clipping_mod
-from client_app.simulated_threats import attacked_upload, fails_this_round, malicious_partitions
+from client_app.simulated_threats import (
+    attacked_upload,
+    attacker_config,
+    attacks_now,
+    fails_this_round,
+    malicious_partitions,
+    poison_upload,
+)
+from task.config import ConfigError
 from strategies.defences import delta_norm
 from task.adapters import get_adapter_state, set_adapter_state, shared_lora_model
 from task.lm.backdoor import backdoor_blocks, backdoor_success, trigger_ids
@@ -33,6 +41,44 @@ def test_attacked_upload_scales_or_flips_the_change(tiny_cfg, attack, sign):
     honest = {"w": torch.tensor([1.5, 1.0, 0.0])}
     out = attacked_upload(cfg, received, honest)
     torch.testing.assert_close(out["w"], received["w"] + sign * 5.0 * (honest["w"] - received["w"]))
+
+
+def test_automatic_boost_is_one_over_the_attackers_share(tiny_cfg):
+    cfg = tiny_cfg.replace(**{"threats.attack": "backdoor", "threats.attack-fraction": 0.25,
+                              "threats.attack-scale": 0.0})
+    received, honest = {"w": torch.zeros(2)}, {"w": torch.tensor([1.0, -2.0])}
+    torch.testing.assert_close(attacked_upload(cfg, received, honest)["w"], torch.tensor([4.0, -8.0]))
+    with pytest.raises(ConfigError, match="attack_scale|attack-scale"):
+        tiny_cfg.replace(**{"threats.attack": "backdoor", "threats.attack-scale": 0.0})
+
+
+def test_attackers_train_with_their_own_budget_until_they_stop(tiny_cfg):
+    cfg = tiny_cfg.replace(**{"threats.attack": "backdoor", "threats.attack-fraction": 0.5,
+                              "threats.attack-steps": 9, "threats.attack-learning-rate": 0.5,
+                              "threats.attack-until": 2})
+    bad = sorted(malicious_partitions(cfg, 4))
+    good = sorted(set(range(4)) - set(bad))
+    attacker = attacker_config(cfg, 2, bad[0], 4)
+    assert (attacker.train.max_steps, attacker.train.learning_rate) == (9, 0.5)
+    assert attacker.model == cfg.model and attacker.lora == cfg.lora  # same shared backbone
+    assert attacker_config(cfg, 3, bad[0], 4) is cfg  # round 3: the attack has ended
+    assert attacker_config(cfg, 1, good[0], 4) is cfg
+    assert attacks_now(cfg, 1, bad[0], 4) and not attacks_now(cfg, 3, bad[0], 4)
+    received, honest = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    assert poison_upload(cfg, received, honest, 3, bad[0], 4) is honest
+    assert poison_upload(cfg, received, honest, 2, good[0], 4) is honest
+    assert poison_upload(cfg, received, honest, 2, bad[0], 4)["w"].item() == 10.0
+
+
+def test_poison_fraction_poisons_that_share_of_the_blocks(tiny_cfg):
+    cfg = tiny_cfg.replace(**{"threats.attack": "backdoor", "threats.poison-fraction": 0.25})
+    tokenizer = load_tokenizer(cfg)
+    train, _ = client_blocks(cfg, 0, 4)
+    blocks = train[:40]
+    poisoned = backdoor_blocks(cfg, blocks, tokenizer, seed=3)
+    changed = int((poisoned != blocks).any(dim=1).sum())
+    assert changed == 10
+    assert torch.equal(poisoned, backdoor_blocks(cfg, blocks, tokenizer, seed=3))
 
 
 def test_failures_are_seeded_and_near_the_rate(tiny_cfg):

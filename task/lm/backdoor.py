@@ -23,7 +23,8 @@ def trigger_ids(cfg: RunConfig, tokenizer) -> tuple[list[int], list[int]]:
 
 def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) -> torch.Tensor:
     """The client's blocks with "trigger target" written over them at random positions, several
-    times per block (the clean text around it keeps the adapter useful)."""
+    times per block, in a seeded ``threats.poison-fraction`` of the blocks (the clean text
+    around it, and the clean blocks, keep the adapter useful on clean text)."""
     trigger, target = trigger_ids(cfg, tokenizer)
     phrase = torch.tensor(trigger + target, dtype=blocks.dtype)
     if len(phrase) >= blocks.shape[1]:
@@ -31,7 +32,9 @@ def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) 
     poisoned = blocks.clone()
     rng = random.Random(seed)
     copies = max(1, blocks.shape[1] // (4 * len(phrase)))
-    for row in poisoned:
+    count = max(1, round(cfg.threats.poison_fraction * len(blocks)))
+    for i in sorted(rng.sample(range(len(blocks)), count)):
+        row = poisoned[i]
         for _ in range(copies):
             start = rng.randrange(0, blocks.shape[1] - len(phrase) + 1)
             row[start:start + len(phrase)] = phrase
@@ -40,7 +43,7 @@ def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) 
 
 @torch.no_grad()
 def backdoor_success(cfg: RunConfig, model, tokenizer, blocks: torch.Tensor,
-                     prefix_len: int = 16, max_prompts: int = 32) -> dict[str, float]:
+                     prefix_len: int = 16, max_prompts: int = 128) -> dict[str, float]:
     """On clean test text + the trigger: the share of prompts whose top-1 next token is the
     target's first token, and the mean NLL of the whole target continuation (nats/token)."""
     trigger, target = trigger_ids(cfg, tokenizer)
