@@ -88,10 +88,14 @@ def train(msg: Message, context: Context) -> Message:
     data = threats.poison_train_data(cfg, client.task, client.train_data, server_round, pid, n, seed)
     train_cfg = threats.attacker_config(cfg, server_round, pid, n)  # an attacker's own budget
 
+    def train_on(blocks):
+        return client.strategy.module.client_train(train_cfg, client.received, pid, blocks, seed,
+                                                   client.config)
+
     with client.state():
-        upload, loss = client.strategy.module.client_train(train_cfg, client.received, pid, data,
-                                                           seed, client.config)
-        upload = threats.poison_upload(cfg, client.received, upload, server_round, pid, n)
+        clean = threats.clean_twin(cfg, train_on, client.train_data, server_round, pid, n)
+        upload, loss = train_on(data)
+        upload = threats.poison_upload(cfg, client.received, upload, server_round, pid, n, clean)
         if upload is not None and cfg.upload.compression != "none":
             # the server decodes it (strategies/base.py); top-k's residual stays in the
             # client's folder

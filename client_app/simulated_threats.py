@@ -13,6 +13,11 @@ they received, u their trained adapter:
   when the attackers hold that share of the round's weight, their boosted changes sum to one
   whole change of the mean (their model replaces the global one, the honest clients' changes
   come on top).
+``boost = "poison-difference"``: the attacker also trains a clean twin c (same start, budget and
+batch order, its data unpoisoned) and uploads c + s (u - c): only what the poison changed is
+boosted, its clean learning goes in unboosted, so the global model's clean perplexity moves
+little while the trigger is implanted (the stealth that Bagdasaryan et al. get from training
+on clean and poisoned data together).
 The attacker's own training budget is its business: ``attack-steps`` optimizer steps at
 ``attack-learning-rate`` (0: the honest budget), as Bagdasaryan et al. train the attacker longer
 and harder. ``attack-until`` = T: malicious clients attack in rounds 1..T and train honestly
@@ -51,11 +56,24 @@ def boost(cfg: RunConfig) -> float:
     return cfg.threats.attack_scale or 1.0 / cfg.threats.attack_fraction
 
 
-def attacked_upload(cfg: RunConfig, received: State, upload: State) -> State:
-    """What a malicious client uploads instead of its honest adapter ``upload``."""
+def attacked_upload(cfg: RunConfig, received: State, upload: State, clean: State | None = None) -> State:
+    """What a malicious client uploads instead of its honest adapter ``upload``: the change from
+    ``received`` boosted, or with a clean twin ``clean`` only the poison's difference from it."""
     sign = -1.0 if cfg.threats.attack == "sign-flip" else 1.0
     scale = boost(cfg)
-    return {k: received[k] + sign * scale * (upload[k] - received[k]) for k in upload}
+    start = received if clean is None else clean
+    return {k: start[k] + sign * scale * (upload[k] - start[k]) for k in upload}
+
+
+def clean_twin(cfg: RunConfig, train, clean_data, server_round: int, partition_id: int,
+               num_partitions: int) -> State | None:
+    """``train(clean_data)``'s upload when this client boosts only the poison's difference
+    (``boost = "poison-difference"``), else None."""
+    if cfg.threats.boost != "poison-difference" or not attacks_now(cfg, server_round, partition_id,
+                                                                    num_partitions):
+        return None
+    upload, _ = train(clean_data)
+    return upload
 
 
 def attacker_config(cfg: RunConfig, server_round: int, partition_id: int,
@@ -93,8 +111,9 @@ def poison_train_data(cfg: RunConfig, task, data, server_round: int, partition_i
 
 
 def poison_upload(cfg: RunConfig, received: State, upload: State | None, server_round: int,
-                  partition_id: int, num_partitions: int) -> State | None:
-    """A malicious client's upload (``attack``); everyone else's as it is."""
+                  partition_id: int, num_partitions: int, clean: State | None = None) -> State | None:
+    """A malicious client's upload (``attack``; ``clean``: its clean twin's); everyone else's
+    as it is."""
     if upload is None or not attacks_now(cfg, server_round, partition_id, num_partitions):
         return upload
-    return attacked_upload(cfg, received, upload)
+    return attacked_upload(cfg, received, upload, clean)

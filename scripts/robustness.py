@@ -61,6 +61,7 @@ DEFAULT = {"model.name": "smollm2-135m", "num-server-rounds": 6, "strategy.fract
 # 500 role clients (Shakespeare's speaking roles), 50 sampled per round: sampling rate 0.1.
 DP_CLIENTS = 500
 DP = {"strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.002, "data.partitioner": "role",
+      "data.chunk-words": 200,
       "train.max-steps": 1, "num-server-rounds": 5, "data.test-fraction": 0.25}
 DP_CLIP = 0.5
 
@@ -87,7 +88,10 @@ def plan(size: str, dp_noise: tuple[float, ...] = (), quick: bool = False,
     runs.append((f"backdoor 10% / mean, attackers stop after round {rounds // 2}",
                  {"threats.attack": "backdoor", "threats.attack-fraction": 0.1,
                   "threats.attack-until": rounds // 2}))
-    runs.append(("clean / mean, SecAgg+", {"secagg.enabled": True}))
+    # the norm bound that works under SecAgg+: the clients clip before masking
+    runs.append((f"backdoor 10% / SecAgg+, clients clip to {DEFAULT['robust.norm-bound']}",
+                 {"threats.attack": "backdoor", "threats.attack-fraction": 0.1, "secagg.enabled": True,
+                  "secagg.client-clip-norm": DEFAULT["robust.norm-bound"]}))
     runs.append(("DP reference: no clipping, no noise", {**DP, "clients": DP_CLIENTS}))
     for z in dp_noise or (0.5, 0.7, 1.0):
         runs.append((f"DP z={z} clip={dp_clip}", {**DP, "clients": DP_CLIENTS, "dp.noise-multiplier": z,
@@ -199,6 +203,14 @@ def reference_of(run: dict, runs: list[dict]) -> dict | None:
     return next((r for r in runs if r["name"] == name), None)
 
 
+def defence_of(overrides: dict) -> str:
+    if overrides.get("secagg.client-clip-norm"):
+        return f"client clip {overrides['secagg.client-clip-norm']:g} (SecAgg+)"
+    if overrides.get("dp.noise-multiplier"):
+        return f"DP clip {overrides['dp.clipping-norm']:g}"
+    return overrides.get("robust.aggregation", "mean")
+
+
 def table(runs: list[dict]) -> str:
     lines = ["| run | clients (per round) | defence | final global ppl | vs its clean reference | "
              "backdoor top-1 by round (0..R) | backdoor target NLL | honest update norm (median) | "
@@ -213,7 +225,7 @@ def table(runs: list[dict]) -> str:
         per_round = r["rounds"][-1].get("num_updates") or "—"
         ratio = f"{f['global_ppl'] / ref['final']['global_ppl']:.3f}x" if ref else "—"
         lines.append(
-            f"| {r['name']} | {r.get('clients', '—')} ({per_round}) | {o.get('robust.aggregation', 'mean')} | "
+            f"| {r['name']} | {r.get('clients', '—')} ({per_round}) | {defence_of(o)} | "
             f"{_f(f['global_ppl'], 1)} | "
             f"{ratio} | "
             f"{_by_round(r, 'backdoor_success')} | {_f(f.get('backdoor_target_nll'))} | "
@@ -247,10 +259,10 @@ def checks(runs: list[dict]) -> list[str]:
         lines.append(f"- backdoor {fraction}, no defence: top-1 {success:.2f} (target >= 0.50: "
                      f"{'met' if success >= 0.5 else 'NOT met'}), clean ppl {ppl_ratio(plain):.3f}x "
                      f"(within 5%: {'met' if abs(ppl_ratio(plain) - 1) <= 0.05 else 'NOT met'})")
-        for d in DEFENCES[1:]:
-            r = by.get(f"backdoor {fraction} / {d}")
-            if r is None:
-                continue
+        defended = [r for r in runs if r["name"].startswith(f"backdoor {fraction} / ")
+                    and not r["name"].startswith(f"backdoor {fraction} / mean")]
+        for r in defended:
+            d = r["name"].split(" / ", 1)[1]
             s = r["final"].get("backdoor_success") or 0.0
             own_clean = by.get(f"clean / {d}")
             holds = s <= 0.10 and abs(ppl_ratio(r) - 1) <= 0.05

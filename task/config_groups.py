@@ -224,6 +224,7 @@ class ThreatsConfig:
     attack_learning_rate: float = 0.0
     attack_until: int = 0
     poison_fraction: float = 1.0
+    boost: str = "change"
     backdoor_trigger: str = " thou art cursed"
     backdoor_target: str = " banana"
     client_failure_rate: float = 0.0
@@ -238,6 +239,10 @@ class ThreatsConfig:
              "must be >= 0 (0 = train.learning-rate)")
         need(self.attack_until >= 0, "attack_until", "must be >= 0 (0 = every round)")
         need(0.0 < self.poison_fraction <= 1.0, "poison_fraction", "must be in (0, 1]")
+        need(self.boost in ("change", "poison-difference"), "boost",
+             "must be 'change' or 'poison-difference'")
+        need(self.boost == "change" or self.attack == "backdoor", "boost",
+             "'poison-difference' boosts what the poison changed: it needs attack = 'backdoor'")
         for key in ("attack_fraction", "client_failure_rate"):
             need(0.0 <= getattr(self, key) <= 1.0, key, "must be in [0, 1]")
         need(self.attack != "backdoor" or bool(self.backdoor_trigger.strip()

@@ -60,6 +60,17 @@ def test_role_partitioner_gives_one_speaker_per_client(tiny_cfg):
     assert roles[0] == {"hamlet/HAMLET"}  # the longest role in Shakespeare
 
 
+def test_a_role_split_too_large_for_the_corpus_stops_the_server_at_start(tiny_cfg):
+    """The server builds the split with its partition statistics, before any round: too many
+    clients for the roles is one clear error there, not a failure of every client."""
+    from task import get_task
+
+    cfg = tiny_cfg.replace(**{"data.partitioner": "role"})
+    with pytest.raises(ValueError, match="roles have at least two documents"):
+        get_task(cfg).partition_stats(cfg, 100_000)
+    assert get_task(cfg).partition_stats(cfg, 10)["label"].startswith("none")
+
+
 def test_client_split_train_and_test_are_disjoint(tiny_cfg):
     train, test = data.client_split(tiny_cfg, 3, 20)
     assert train and test and not set(train) & set(test)

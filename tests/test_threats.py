@@ -13,6 +13,7 @@ from client_app.simulated_threats import (
     attacked_upload,
     attacker_config,
     attacks_now,
+    clean_twin,
     fails_this_round,
     malicious_partitions,
     poison_upload,
@@ -134,3 +135,21 @@ def test_dp_mod_clips_the_training_update_only_when_asked():
         assert delta_norm(run({"server-round": 1}), reference) == pytest.approx(3 * np.sqrt(6), rel=1e-5)
     finally:
         TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None
+
+
+def test_poison_difference_boosts_only_what_the_poison_changed(tiny_cfg):
+    cfg = tiny_cfg.replace(**{"threats.attack": "backdoor", "threats.attack-fraction": 0.5,
+                              "threats.attack-scale": 4.0, "threats.boost": "poison-difference"})
+    bad = sorted(malicious_partitions(cfg, 4))[0]
+    received = {"w": torch.zeros(2)}
+    poisoned, clean = {"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([1.0, 2.0])}
+    calls = []
+    twin = clean_twin(cfg, lambda blocks: (calls.append(blocks) or clean, 0.5), "clean rows", 1, bad, 4)
+    assert twin is clean and calls == ["clean rows"]
+    out = poison_upload(cfg, received, poisoned, 1, bad, 4, twin)
+    torch.testing.assert_close(out["w"], torch.tensor([1.0, 2.0 + 4.0 * 1.0]))  # c + s (u - c)
+    honest = sorted(set(range(4)) - malicious_partitions(cfg, 4))[0]
+    assert clean_twin(cfg, lambda blocks: 1 / 0, "clean rows", 1, honest, 4) is None
+    assert clean_twin(cfg.replace(**{"threats.boost": "change"}), lambda b: 1 / 0, "rows", 1, bad, 4) is None
+    with pytest.raises(ConfigError, match="boost"):
+        tiny_cfg.replace(**{"threats.boost": "poison-difference"})

@@ -77,9 +77,11 @@ class LanguageModeling:
         """How non-IID the partition is in LDA topics (task/partition_stats.py); the role and
         iid partitioners of a corpus without an LDA fit have no topics to count."""
         corpus = data.load_corpus(cfg)
+        # built here, at start, for every partitioner: a split this many clients cannot have
+        # (too few roles) stops the run now, naming the keys, not every client in every round
+        parts = data.partition_indices(cfg, num_partitions)
         if cfg.data.partitioner != "lda-dirichlet":
             return {"label": "none (no LDA fit for this partitioner)"}
-        parts = data.partition_indices(cfg, num_partitions)
         topics = np.asarray(corpus.topics)
         return {"label": "dominant LDA topic of a document",
                 **partition_stats.label_statistics([topics[list(p)] for p in parts],
