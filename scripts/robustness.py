@@ -63,7 +63,7 @@ DP_CLIENTS = 500
 DP = {"strategy.fraction-train": 0.1, "strategy.fraction-evaluate": 0.002, "data.partitioner": "role",
       "data.chunk-words": 200,
       "train.max-steps": 1, "num-server-rounds": 5, "data.test-fraction": 0.25}
-DP_CLIP = 0.5
+DP_CLIP = 2.0  # about the honest 1-step update norm (2.03 measured): clipping barely slows learning
 
 FAILURES = {"threats.client-failure-rate": 0.3, "strategy.fraction-train": 0.5, "robust.min-replies": 4,
             "robust.on-too-few-replies": "retry", "robust.max-retries": 2}
