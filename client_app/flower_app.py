@@ -38,8 +38,9 @@ class DeviceWorkerError(RuntimeError):
 
 
 def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
-    """Differential privacy: when the server sends a clipping norm (dp.noise-multiplier > 0),
-    Flower's fixedclipping_mod clips this client's adapter change to it before upload."""
+    """When the server sends a clipping norm (dp.noise-multiplier > 0, or
+    secagg.client-clip-norm under SecAgg+), Flower's fixedclipping_mod clips this client's
+    adapter change to it before upload (under SecAgg+: before masking)."""
     config = msg.content.config_records.get("config")
     if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)

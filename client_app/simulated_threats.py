@@ -73,7 +73,9 @@ def clean_twin(cfg: RunConfig, train, clean_data, server_round: int, partition_i
                                                                     num_partitions):
         return None
     upload, _ = train(clean_data)
-    return upload
+    # a copy: an upload may be views of the live model (fedavg-full on a CPU), which the
+    # poisoned training that follows would overwrite
+    return {k: v.clone() for k, v in upload.items()}
 
 
 def attacker_config(cfg: RunConfig, server_round: int, partition_id: int,

@@ -40,22 +40,25 @@ SMOKE = {"model.name": "tiny-gpt2", "num-server-rounds": 2, "strategy.fraction-t
          "strategy.fraction-evaluate": 0.3, "server.evaluate-every": 3, "server.checkpoint-every": 1,
          "server.personalize-clients": 0, "train.max-steps": 2, "train.batch-size": 4, "train.seq-len": 32,
          "train.learning-rate": 0.03, "data.chunk-words": 400, "eval.server-round-tokens": 2048,
-         "threats.attack-scale": 10.0, "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
+         "robust.norm-bound": 0.5, "robust.trim-fraction": 0.3}
 
 # SmolLM2-135M (the offline default backbone), 10 LDA clients that all train every round, so
-# 10% = 1 and 30% = 3 attackers in every round. The attack is tuned as the literature does it
-# (Bagdasaryan et al., AISTATS 2020): the attacker trains longer and harder on its poisoned data
-# (attack-steps, attack-learning-rate) and boosts its change by 1 / attack-fraction (model
-# replacement, attack-scale 0). norm-bound sits near the honest updates' median norm (measured
-# in the clean run: update_norm_median); multikrum assumes as many attackers as there are.
+# 10% = 1 and 30% = 3 attackers in every round. norm-bound sits near the honest updates' median
+# norm (measured in the clean run: update_norm_median); multikrum assumes as many attackers as
+# there are.
 DEFAULT = {"model.name": "smollm2-135m", "num-server-rounds": 6, "strategy.fraction-train": 1.0,
            "strategy.fraction-evaluate": 0.1, "server.evaluate-every": 100, "server.checkpoint-every": 1,
            "eval.client-tokens": 2048,
            "server.personalize-clients": 0, "train.max-steps": 2, "train.batch-size": 4,
            "train.seq-len": 32, "train.learning-rate": 0.003, "data.chunk-words": 400,
            "data.global-test-fraction": 0.02, "eval.server-round-tokens": 2048,
-           "threats.attack-scale": 0.0, "threats.attack-steps": 10, "threats.attack-learning-rate": 0.006,
-           "threats.poison-fraction": 0.5, "robust.norm-bound": 3.0, "robust.trim-fraction": 0.3}
+           "robust.norm-bound": 3.0, "robust.trim-fraction": 0.3}
+# The backdoor, tuned as the literature does it (Bagdasaryan et al., AISTATS 2020): the attacker
+# trains longer and harder on its half-poisoned data and boosts its change by 1 / attack-fraction
+# (model replacement, attack-scale 0). Probed on SmolLM2: 5 steps at the honest 3e-3 with the
+# same boost reached top-1 0.09 in 6 rounds; these settings take in the first round.
+BACKDOOR = {"threats.attack": "backdoor", "threats.attack-scale": 0.0, "threats.attack-steps": 10,
+            "threats.attack-learning-rate": 0.006, "threats.poison-fraction": 0.5}
 
 # DP that keeps utility: many clients per round, so the noise on the mean (z C / n) is small.
 # 500 role clients (Shakespeare's speaking roles), 50 sampled per round: sampling rate 0.1.
@@ -72,25 +75,29 @@ SIZES = {"smoke": dict(base=SMOKE, clients=10, out="docs/robustness/smoke"),
          "default": dict(base=DEFAULT, clients=10, out="docs/robustness")}
 
 
+def defended(aggregation: str, fraction: float, clients: int) -> dict:
+    """robust.aggregation, with multikrum told how many attackers a round holds."""
+    krum = {"robust.krum-malicious": round(fraction * clients)} if aggregation == "multikrum" else {}
+    return {"robust.aggregation": aggregation, **krum}
+
+
 def plan(size: str, dp_noise: tuple[float, ...] = (), quick: bool = False,
-         dp_clip: float = DP_CLIP) -> list[tuple[str, dict]]:
+         dp_clip: float = DP_CLIP, clients: int = 10) -> list[tuple[str, dict]]:
     """(name, overrides) of the runs, most telling first (the report is rewritten after each
     run). An override "clients" sets that run's number of SuperNodes."""
     if size == "smoke":
-        return smoke_plan(quick, dp_noise or (1.0,))
+        return smoke_plan(quick, dp_noise or (1.0,), clients)
     rounds = DEFAULT["num-server-rounds"]
     runs = [(f"clean / {d}", {"robust.aggregation": d}) for d in DEFENCES]
     for fraction in (0.1, 0.3):
         for d in DEFENCES:
             runs.append((f"backdoor {fraction:.0%} / {d}",
-                         {"threats.attack": "backdoor", "threats.attack-fraction": fraction,
-                          "robust.aggregation": d, "robust.krum-malicious": round(fraction * 10)}))
+                         {**BACKDOOR, "threats.attack-fraction": fraction, **defended(d, fraction, clients)}))
     runs.append((f"backdoor 10% / mean, attackers stop after round {rounds // 2}",
-                 {"threats.attack": "backdoor", "threats.attack-fraction": 0.1,
-                  "threats.attack-until": rounds // 2}))
+                 {**BACKDOOR, "threats.attack-fraction": 0.1, "threats.attack-until": rounds // 2}))
     # the norm bound that works under SecAgg+: the clients clip before masking
     runs.append((f"backdoor 10% / SecAgg+, clients clip to {DEFAULT['robust.norm-bound']}",
-                 {"threats.attack": "backdoor", "threats.attack-fraction": 0.1, "secagg.enabled": True,
+                 {**BACKDOOR, "threats.attack-fraction": 0.1, "secagg.enabled": True,
                   "secagg.client-clip-norm": DEFAULT["robust.norm-bound"]}))
     runs.append(("DP reference: no clipping, no noise", {**DP, "clients": DP_CLIENTS}))
     for z in dp_noise or (0.5, 0.7, 1.0):
@@ -99,7 +106,7 @@ def plan(size: str, dp_noise: tuple[float, ...] = (), quick: bool = False,
     return runs
 
 
-def smoke_plan(quick: bool, dp_noise: tuple[float, ...]) -> list[tuple[str, dict]]:
+def smoke_plan(quick: bool, dp_noise: tuple[float, ...], clients: int) -> list[tuple[str, dict]]:
     """tiny-gpt2: clean, SecAgg+, attackers (10%, then 30%) against defences, DP, failures,
     kill/resume."""
     runs = [(f"clean / {d}", {"robust.aggregation": d}) for d in ("mean", "median")]
@@ -111,7 +118,7 @@ def smoke_plan(quick: bool, dp_noise: tuple[float, ...]) -> list[tuple[str, dict
             for d in defences:
                 runs.append((f"{attack} {fraction:.0%} / {d}",
                              {"threats.attack": attack, "threats.attack-fraction": fraction,
-                              "robust.aggregation": d, "robust.krum-malicious": round(fraction * 10)}))
+                              **defended(d, fraction, clients)}))
     for z in dp_noise:
         runs.append((f"DP z={z} clip=0.5", {"dp.noise-multiplier": z, "dp.clipping-norm": 0.5}))
     runs.append(("30% clients fail, retry", FAILURES))
@@ -191,6 +198,16 @@ def _f(x, digits=2) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
+def _ppl(run: dict | None) -> float:
+    """A run's final global perplexity; NaN where it has none (a diverged run stores null)."""
+    value = (run or {}).get("final", {}).get("global_ppl")
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _ratio(run: dict, reference: dict | None) -> float:
+    return _ppl(run) / _ppl(reference) if reference and _ppl(reference) > 0 else math.nan
+
+
 def _by_round(run: dict, key: str) -> str:
     values = [r.get(key) for r in run["rounds"]]
     return " ".join(_f(v) for v in values) if any(v is not None for v in values) else "—"
@@ -223,10 +240,10 @@ def table(runs: list[dict]) -> str:
         norms = [x.get("update_norm_median") for x in r["rounds"] if x["round"] > 0]
         norms = [x for x in norms if isinstance(x, (int, float)) and math.isfinite(x)]
         per_round = r["rounds"][-1].get("num_updates") or "—"
-        ratio = f"{f['global_ppl'] / ref['final']['global_ppl']:.3f}x" if ref else "—"
+        ratio = f"{_ratio(r, ref):.3f}x" if math.isfinite(_ratio(r, ref)) else "—"
         lines.append(
             f"| {r['name']} | {r.get('clients', '—')} ({per_round}) | {defence_of(o)} | "
-            f"{_f(f['global_ppl'], 1)} | "
+            f"{_f(_ppl(r), 1)} | "
             f"{ratio} | "
             f"{_by_round(r, 'backdoor_success')} | {_f(f.get('backdoor_target_nll'))} | "
             f"{_f(sorted(norms)[len(norms) // 2] if norms else None, 3)} | "
@@ -246,10 +263,8 @@ def checks(runs: list[dict]) -> list[str]:
     lines = []
     if clean is None:
         return lines
-    base = clean["final"]["global_ppl"]
-
     def ppl_ratio(r):
-        return r["final"]["global_ppl"] / base
+        return _ratio(r, clean)
 
     for fraction in ("10%", "30%"):
         plain = by.get(f"backdoor {fraction} / mean")
@@ -273,7 +288,7 @@ def checks(runs: list[dict]) -> list[str]:
     if dp_ref is not None:
         for r in runs:
             if r["name"].startswith("DP z="):
-                eps, ratio = r["final"].get("dp_epsilon"), r["final"]["global_ppl"] / dp_ref["final"]["global_ppl"]
+                eps, ratio = r["final"].get("dp_epsilon"), _ratio(r, dp_ref)
                 ok = eps is not None and eps <= 8 and ratio <= 1.25
                 lines.append(f"- {r['name']}: epsilon {_f(eps)} at delta 1e-5, ppl {ratio:.3f}x the non-DP run "
                              f"({'meets' if ok else 'misses'} epsilon <= 8 within 1.25x)")
@@ -306,12 +321,12 @@ def plots(out: Path, runs: list[dict]) -> list[str]:
     ref = next((r for r in runs if r["name"].startswith("DP reference")), None)
     if dp:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["final"]["dp_epsilon"] for r in dp], [r["final"]["global_ppl"] for r in dp], marker="o")
+        ax.plot([r["final"]["dp_epsilon"] for r in dp], [_ppl(r) for r in dp], marker="o")
         for r in dp:
-            ax.annotate(r["name"].split()[1], (r["final"]["dp_epsilon"], r["final"]["global_ppl"]))
+            ax.annotate(r["name"].split()[1], (r["final"]["dp_epsilon"], _ppl(r)))
         if ref:
-            ax.axhline(ref["final"]["global_ppl"], color="grey", lw=0.8, label="no DP")
-            ax.axhline(1.25 * ref["final"]["global_ppl"], color="grey", lw=0.8, ls=":", label="1.25x no DP")
+            ax.axhline(_ppl(ref), color="grey", lw=0.8, label="no DP")
+            ax.axhline(1.25 * _ppl(ref), color="grey", lw=0.8, ls=":", label="1.25x no DP")
             ax.legend(fontsize=7)
         ax.set(xlabel="epsilon at delta 1e-5", ylabel="final global ppl", title="Utility vs privacy")
         fig.tight_layout()
@@ -352,13 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     clients = args.clients or spec["clients"]
     t0 = time.time()
     runs: list[dict] = []
-    todo = plan(args.size, tuple(float(z) for z in args.dp_noise.split(",") if z), args.quick, args.dp_clip)
+    todo = plan(args.size, tuple(float(z) for z in args.dp_noise.split(",") if z), args.quick, args.dp_clip,
+                clients)
     if args.only:
         todo = select(todo, args.only.split(","))
     with LocalSuperLink(work / "flwr") as link:
         for name, run_overrides in todo:
             if name == "killed + resumed":
-                failure = next(r for r in runs if r["overrides"] == FAILURES)
+                failure = next((r for r in runs if r["overrides"] == FAILURES), None)
+                if failure is None:
+                    raise SystemExit("'killed + resumed' reruns the failure row: --only it together "
+                                     "with '30% clients fail'")
                 run = kill_and_resume(link, work, common, failure, clients)
                 run["name"] = (f"same, killed after round {run['killed_after_round']}, resumed "
                                f"(max abs diff of the final adapter vs uninterrupted: "
@@ -368,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_one(link, work, name, run_overrides, common, clients)
             runs.append(run)
             write_report(out, args, common, clients, runs, len(todo), time.time() - t0, argv)
-            print(f"[{len(runs)}/{len(todo)}] {name}: ppl {run['final']['global_ppl']:.1f}, "
+            print(f"[{len(runs)}/{len(todo)}] {name}: ppl {_ppl(run):.1f}, "
                   f"backdoor {run['final'].get('backdoor_success')}, {run['wall_s']:.0f}s", flush=True)
     print((out / "report.md").read_text())
     return 0

@@ -104,6 +104,8 @@ def multikrum_replies(replies: list, robust: RobustConfig, log) -> list:
     n = len(replies)
     select = robust.krum_select or n - robust.krum_malicious
     if n <= 2 or select >= n:
+        log.warning("aggregate_train: multikrum keeps all %d updates (it needs more than 2, and "
+                    "more than the %d it selects)", n, select)
         return replies
     kept = {id(c) for c in select_multikrum([m.content for m in replies], robust.krum_malicious,
                                             max(1, select))}

@@ -175,6 +175,15 @@ def check_run(cfg: RunConfig) -> tuple[Task, Entry]:
                                       f"{task.name!r} adapts convolutions")
     if cfg.threats.attack not in task.caps.attacks:
         _refuse(cfg, "threats.attack", f"task {task.name!r} simulates {task.caps.attacks}")
+    if caps.full_model and cfg.threats.attack_learning_rate:
+        _refuse(cfg, "threats.attack-learning-rate", f"strategy {name!r} trains the whole model at "
+                "train.full-learning-rate; the attacker's rate is an adapter learning rate")
+    if caps.full_model and cfg.robust.aggregation == "multikrum":
+        _refuse(cfg, "robust.aggregation", f"multikrum compares every pair of updates in memory; "
+                f"strategy {name!r} uploads whole models (use median or trimmed-mean)")
+    if caps.personal_model and cfg.threats.boost == "poison-difference":
+        _refuse(cfg, "threats.boost", f"the clean twin would train strategy {name!r}'s personal "
+                "model too, so the poisoned run would start from another personal state")
     if cfg.model.precision != "auto" and cfg.model.precision not in task.caps.precisions:
         _refuse(cfg, "model.precision", f"task {task.name!r} trains in {task.caps.precisions}")
     if cfg.model.gradient_checkpointing and not task.caps.gradient_checkpointing:

@@ -193,6 +193,9 @@ class RobustConfig:
         need(0.0 <= self.trim_fraction < 0.5, "trim_fraction", "must be in [0, 0.5)")
         need(self.krum_malicious >= 0, "krum_malicious", "must be >= 0")
         need(self.krum_select >= 0, "krum_select", "must be >= 0 (0 = n - krum-malicious)")
+        for key, default in (("krum_malicious", 1), ("krum_select", 0)):
+            need(self.aggregation == "multikrum" or getattr(self, key) == default, key,
+                 "has no effect unless aggregation = 'multikrum'")
         need(self.min_replies >= 1, "min_replies", "must be >= 1")
         need(self.max_retries >= 0, "max_retries", "must be >= 0")
 
@@ -241,6 +244,12 @@ class ThreatsConfig:
         need(0.0 < self.poison_fraction <= 1.0, "poison_fraction", "must be in (0, 1]")
         need(self.boost in ("change", "poison-difference"), "boost",
              "must be 'change' or 'poison-difference'")
+        for key, default in (("attack_scale", 10.0), ("attack_steps", 0), ("attack_learning_rate", 0.0),
+                             ("attack_until", 0)):  # an attacker's knobs do nothing without one
+            need(self.attack != "none" or getattr(self, key) == default, key,
+                 "has no effect with attack = 'none'")
+        need(self.attack == "backdoor" or self.poison_fraction == 1.0, "poison_fraction",
+             "only a backdoor poisons data: it needs attack = 'backdoor'")
         need(self.boost == "change" or self.attack == "backdoor", "boost",
              "'poison-difference' boosts what the poison changed: it needs attack = 'backdoor'")
         for key in ("attack_fraction", "client_failure_rate"):

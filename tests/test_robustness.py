@@ -245,6 +245,28 @@ def test_multikrum_drops_the_boosted_update_and_averages_the_rest_by_weight(capl
     np.testing.assert_allclose(arrays["h.0.attn.c_attn.lora_A.weight"].numpy(), 0.5 + expected, rtol=1e-6)
 
 
+def test_multikrum_with_too_few_updates_keeps_them_all_and_says_so(caplog):
+    ups = [{k: v + 0.1 * i for k, v in GLOBAL.items()} for i in (1, 2)]
+    strategy = make("fedavg-lora", RobustConfig(aggregation="multikrum"))
+    with caplog.at_level(logging.WARNING, logger="flwr.fedgen_edge"):
+        arrays, _ = strategy.aggregate_train(1, [reply(i + 1, record(u)) for i, u in enumerate(ups)])
+    np.testing.assert_allclose(arrays["h.0.attn.c_attn.lora_A.weight"].numpy(), 0.5 + 0.15, rtol=1e-6)
+    assert any("multikrum keeps all 2 updates" in r.message for r in caplog.records)
+    assert strategy.round_stats[1]["dropped"] == 0
+
+
+def test_each_round_records_how_far_the_updates_moved():
+    """update_norm_median / update_norm_max: the L2 change of each valid update from the
+    adapter it started from (what robust.norm-bound is read off)."""
+    ups = [{k: v + d for k, v in GLOBAL.items()} for d in (0.1, 0.2, 1.0)]
+    strategy = make("fedavg-lora")
+    strategy.aggregate_train(1, [reply(i + 1, record(u)) for i, u in enumerate(ups)])
+    entries = sum(int(np.prod(s)) for s in SHAPES.values())
+    stats = strategy.round_stats[1]
+    assert stats["update_norm_median"] == pytest.approx(0.2 * math.sqrt(entries), rel=1e-5)
+    assert stats["update_norm_max"] == pytest.approx(1.0 * math.sqrt(entries), rel=1e-5)
+
+
 # ---------------------------------------------------------------- failures: retry or skip
 def test_too_few_replies_skips_the_round(caplog):
     strategy = make("fedavg-lora", RobustConfig(min_replies=3))
@@ -341,10 +363,25 @@ def test_rank_aware_strategies_refuse_robust_options(name, key, value):
     ("threats.client-failure-rate", 1.5, "'threats.client-failure-rate'"),
     ("robust.on-too-few-replies", "wait", "'robust.on-too-few-replies'"),
     ("robust.min-replies", 0, "'robust.min-replies'"),
+    ("robust.krum-malicious", 2, "'robust.krum-malicious'"),  # without multikrum it would do nothing
+    ("threats.attack-steps", 10, "'threats.attack-steps'"),  # without an attack it would do nothing
+    ("threats.poison-fraction", 0.5, "'threats.poison-fraction'"),
 ])
 def test_bad_robustness_keys_are_named(key, value, needle):
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"strategy.name": "fedavg-full", "robust.aggregation": "multikrum"}, "robust.aggregation"),
+    ({"strategy.name": "fedavg-full", "threats.attack": "scaled", "threats.attack-fraction": 0.1,
+      "threats.attack-learning-rate": 0.01}, "threats.attack-learning-rate"),
+    ({"strategy.name": "ditto", "threats.attack": "backdoor", "threats.attack-fraction": 0.1,
+      "threats.boost": "poison-difference"}, "threats.boost"),
+])
+def test_attack_and_defence_options_a_strategy_cannot_honour_are_refused(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        check_run(RunConfig.from_run_config(overrides))
 
 
 def test_dp_needs_the_plain_mean():

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 def test_default_plan_attacks_every_defence_and_runs_dp_with_many_clients():
     from robustness import DEFENCES, DP_CLIENTS, SIZES, plan
 
+    from strategies.registry import check_run
     from task.config import RunConfig
 
     runs = dict(plan("default"))
@@ -27,9 +28,13 @@ def test_default_plan_attacks_every_defence_and_runs_dp_with_many_clients():
     dp = {n: o for n, o in runs.items() if n.startswith("DP")}
     assert len(dp) == 4 and all(o["clients"] == DP_CLIENTS for o in dp.values())
     assert dp["DP reference: no clipping, no noise"].get("dp.noise-multiplier", 0) == 0
-    # every run's config is a valid run config (a wrong key would stop the report at its row)
-    for name, o in runs.items():
-        RunConfig.from_run_config({**SIZES["default"]["base"], **{k: v for k, v in o.items() if k != "clients"}})
+    # every run's config passes the start-up checks (a refused option would stop the report at its row)
+    for size in ("default", "smoke"):
+        for name, o in plan(size):
+            check_run(RunConfig.from_run_config(
+                {**SIZES[size]["base"], **{k: v for k, v in o.items() if k not in ("clients", "resume")}}))
+    assert "robust.krum-malicious" not in runs["backdoor 30% / median"]
+    assert dict(plan("default", clients=20))["backdoor 30% / multikrum"]["robust.krum-malicious"] == 6
     assert SIZES["default"]["base"]["model.name"] == "smollm2-135m"
 
 

@@ -145,7 +145,8 @@ def test_poison_difference_boosts_only_what_the_poison_changed(tiny_cfg):
     poisoned, clean = {"w": torch.tensor([1.0, 3.0])}, {"w": torch.tensor([1.0, 2.0])}
     calls = []
     twin = clean_twin(cfg, lambda blocks: (calls.append(blocks) or clean, 0.5), "clean rows", 1, bad, 4)
-    assert twin is clean and calls == ["clean rows"]
+    assert torch.equal(twin["w"], clean["w"]) and calls == ["clean rows"]
+    assert twin["w"] is not clean["w"]  # a copy: the poisoned training must not overwrite it
     out = poison_upload(cfg, received, poisoned, 1, bad, 4, twin)
     torch.testing.assert_close(out["w"], torch.tensor([1.0, 2.0 + 4.0 * 1.0]))  # c + s (u - c)
     honest = sorted(set(range(4)) - malicious_partitions(cfg, 4))[0]

@@ -32,7 +32,7 @@ def backdoor_blocks(cfg: RunConfig, blocks: torch.Tensor, tokenizer, seed: int) 
     poisoned = blocks.clone()
     rng = random.Random(seed)
     copies = max(1, blocks.shape[1] // (4 * len(phrase)))
-    count = max(1, round(cfg.threats.poison_fraction * len(blocks)))
+    count = min(len(blocks), max(1, round(cfg.threats.poison_fraction * len(blocks))))
     for i in sorted(rng.sample(range(len(blocks)), count)):
         row = poisoned[i]
         for _ in range(copies):
