@@ -353,6 +353,8 @@ def report(size: str, out: Path, target: float | None = None, **selection) -> Pa
         return path
     for title, key, values, fname in (("LoRA rank", "rank", spec["ranks"], "ablation-rank.png"),
                                       ("Local epochs", "epochs", spec["epochs"], "ablation-epochs.png")):
+        if not values:  # this size has no such ablation
+            continue
         names = [ablation_run(size, key, v) for v in values]
         lines += [f"## Ablation: {title}", "", f"| {key} | global ppl | train loss (last round) | "
                   "upload per round |", "| --- | --- | --- | --- |"]
