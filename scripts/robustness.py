@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                 clients)
     if args.only:
         todo = select(todo, args.only.split(","))
+    # a row's own setting wins over --set: say so instead of ignoring the --set value
+    if clash := sorted({k for _, o in todo for k in o if k in overrides}):
+        raise SystemExit(f"--set {clash}: the planned rows set these themselves")
     with LocalSuperLink(work / "flwr") as link:
         for name, run_overrides in todo:
             if name == "killed + resumed":

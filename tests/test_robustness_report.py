@@ -95,3 +95,12 @@ def test_only_takes_exact_names_before_prefixes():
 
     names = [n for n, _ in select(plan("default"), ["clean / mean", "backdoor 30%"])]
     assert names == ["clean / mean"] + [n for n, _ in plan("default") if n.startswith("backdoor 30%")]
+
+
+def test_a_set_value_that_a_row_overrides_stops_the_report(tmp_path):
+    from robustness import main
+
+    with pytest.raises(SystemExit, match="threats.attack-steps"):
+        main(["--only", "backdoor 30% / mean", "--set", "threats.attack-steps=4",
+              "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert not (tmp_path / "work").exists()  # stopped before any run
