@@ -139,11 +139,13 @@ def test_inception_fid_is_zero_for_identical_sets_grows_with_a_shift_and_matches
     from task.image.scores import fid
 
     data = load_images(image_cfg(Path("/tmp")))
-    torch.set_num_threads(1)  # InceptionV3 at 299 px on a shared CPU: one thread waits least
+    torch.set_num_threads(1)  # the caller's setting (a generator's image.torch-threads)
     real = torch.from_numpy(data.test_images[:8])
     shifted = (real.int() // 2 + 100).to(torch.uint8)  # lower contrast, lighter
-    feats = InceptionFeatures()
+    feats = InceptionFeatures(threads=2)  # its own threads for the large convolutions
     f1, f2 = feats(real), feats(shifted)
+    assert torch.get_num_threads() == 1, "the caller's thread count is restored"
+    np.testing.assert_allclose(InceptionFeatures(threads=1)(real[:2]), f1[:2], rtol=1e-4, atol=1e-4)
     assert f1.shape == (8, 2048) and feats.extractor_id == "inceptionv3-pool3-fp32"
     same, moved = fid(f1, f1), fid(f1, f2)
     assert abs(same) < 1e-2 * moved and moved > 1.0

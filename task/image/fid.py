@@ -28,6 +28,7 @@ curve is compared (cached features and results name the precision: ``extractor_i
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from contextlib import nullcontext
 from pathlib import Path
@@ -70,9 +71,12 @@ class InceptionFeatures(nn.Module):
 
     num_features = NUM_FEATURES  # torchmetrics reads it instead of probing with a dummy image
 
-    def __init__(self, batch_size: int = 32, bf16: bool = False) -> None:
+    def __init__(self, batch_size: int = 32, bf16: bool = False, threads: int | None = None) -> None:
         super().__init__()
         self.batch_size, self.bf16 = batch_size, bf16
+        # InceptionV3's large convolutions use every core the process has, whatever the small
+        # generator's image.torch-threads (scoring runs while no client trains in this process)
+        self.threads = threads or process_cores()
 
     @property
     def extractor_id(self) -> str:
@@ -87,16 +91,33 @@ class InceptionFeatures(nn.Module):
         batches = images.split(self.batch_size)
         progress = Progress(f"InceptionV3 features of {len(images)} images", len(batches), "batches")
         precision = torch.autocast("cpu", dtype=torch.bfloat16) if self.bf16 else nullcontext()
-        for batch in batches:
-            x = batch.float()
-            if x.shape[1] == 1:
-                x = x.expand(-1, 3, -1, -1)
-            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                              align_corners=False)
-            with precision:
-                out.append(net((x - 128.0) / 128.0).flatten(1).float())
-            progress.update()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for batch in batches:
+                out.append(self._features(net, batch, precision))
+                progress.update()
+        finally:
+            torch.set_num_threads(threads)
         return torch.cat(out) if out else torch.zeros(0, NUM_FEATURES)
+
+    @staticmethod
+    def _features(net, batch: torch.Tensor, precision) -> torch.Tensor:
+        x = batch.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        with precision:
+            return net((x - 128.0) / 128.0).flatten(1).float()
+
+
+def process_cores() -> int:
+    """The cores this process may use: OMP_NUM_THREADS where set (a Ray actor's share, a
+    deployment's per-node share), else the CPUs it is allowed to run on."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, len(os.sched_getaffinity(0)))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
