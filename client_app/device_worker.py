@@ -251,9 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="larger requests get an error reply (default 1 GiB)")
     parser.add_argument("--read-timeout", type=float, default=60.0,
                         help="seconds a connected ClientApp may stay silent mid-request")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for training and evaluation (default 0: torch's own, "
+                             "one per core; give a share of the cores when other work runs there)")
     args = parser.parse_args(argv)
     if args.max_request_bytes <= 0 or args.read_timeout <= 0:
         parser.error("--max-request-bytes and --read-timeout must be positive")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0 (0 = torch's default)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # systemd stop: clean up the socket
     try:
@@ -266,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         # instead of failing.
         t0 = time.perf_counter()
         import_handlers()
-        log.info("handlers imported in %.1fs", time.perf_counter() - t0)
+        import torch  # the handlers imported it: free here
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        log.info("handlers imported in %.1fs; torch on %d threads", time.perf_counter() - t0,
+                 torch.get_num_threads())
         worker.serve_forever()
     except KeyboardInterrupt:
         pass

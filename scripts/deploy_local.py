@@ -19,6 +19,12 @@ named profile (scripts/netlab.py: ``tbf`` per direction), the SuperNode dialling
 address on its link; ``--memory-cap I=GiB`` runs device I's processes under a cgroup memory limit,
 as a small board. The namespaces, qdiscs and cgroups are removed on the way out.
 
+All devices share this machine's cores, so every node's torch runs on ``--threads-per-node``
+threads (default: the cores divided among the nodes, at least 1; ``OMP_NUM_THREADS`` for the
+SuperNode's ClientApp processes, ``fedgen-device --threads`` for a worker): three nodes at torch's
+default of one thread per core each would put 3 x 2 OpenMP threads on 2 cores, and oversubscribed
+OpenMP threads spin-wait on each other (rounds measured 2.1x their compute that way).
+
 Every SuperNode (and the SuperLink) runs with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` =
 ``TASK_POLL_INTERVAL_S``: Flower's SuperExec asks for a new task (a message to start a ClientApp
 process for) that often, 1 s by default, sleeping that long after every launch too.
@@ -55,6 +61,11 @@ CONNECTION = "fedgen"
 TASK_POLL_INTERVAL_S = 0.1
 
 
+def default_threads_per_node(num_supernodes: int) -> int:
+    """This machine's cores shared among the nodes it runs, at least one thread each."""
+    return max(1, (os.cpu_count() or 1) // max(1, num_supernodes))
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process and everything under it at once, as a power cut would (for tests)."""
     import psutil
@@ -87,8 +98,10 @@ class LocalDeployment:
     def __init__(self, work_dir: Path, num_supernodes: int, insecure: bool = False,
                  data_paths: list[str] = (), extra_hosts: list[str] = (),
                  device_workers: bool = False, links: list[str] = (),
-                 memory_caps: dict[int, int] | None = None) -> None:
+                 memory_caps: dict[int, int] | None = None,
+                 threads_per_node: int | None = None) -> None:
         self.work = work_dir.resolve()
+        self.threads_per_node = threads_per_node or default_threads_per_node(num_supernodes)
         self.num_supernodes = num_supernodes
         self.insecure = insecure
         self.data_paths = [str(Path(p).resolve()) for p in data_paths]
@@ -117,6 +130,10 @@ class LocalDeployment:
         return f"{self.lab.server_ip(i) if self.lab else '127.0.0.1'}:{self.port}"
 
     # ------------------------------------------------------------------ processes
+    def _node_env(self) -> dict:
+        """A device's processes: torch (and its OpenMP) on the node's share of the cores."""
+        return {**self.env, "OMP_NUM_THREADS": str(self.threads_per_node)}
+
     def _cli_env(self) -> dict:
         return {**self.env, "FLWR_HOME": str(self.home)}
 
@@ -198,8 +215,9 @@ class LocalDeployment:
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "device-worker.log", "ab") as log_file:
             proc = subprocess.Popen(self._in(i, [sys.executable, "-m", "client_app.device_worker",
-                                                 "--state-dir", str(home / "state")]),
-                                    env={**self.env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                                                 "--state-dir", str(home / "state"),
+                                                 "--threads", str(self.threads_per_node)]),
+                                    env={**self._node_env(), "PYTHONPATH": str(ROOT)}, cwd=ROOT,
                                     stdout=log_file, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.workers[i] = proc
@@ -235,7 +253,7 @@ class LocalDeployment:
         home.mkdir(parents=True, exist_ok=True)
         with open(home / "supernode.log", "ab") as log_file:
             proc = subprocess.Popen(self._in(i, self.node_command(i, private_key)),
-                                    env={**self.env, "FLWR_HOME": str(home)}, stdout=log_file,
+                                    env={**self._node_env(), "FLWR_HOME": str(home)}, stdout=log_file,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes[i] = proc
         return proc
@@ -359,8 +377,13 @@ def main(argv: list[str] | None = None) -> int:
                              "list repeats its last): every node on its own host and shaped link (root)")
     parser.add_argument("--memory-cap", action="append", default=[], metavar="I=GIB",
                         help="node I's processes under a memory cap of GIB GiB, as a small board (root)")
+    parser.add_argument("--threads-per-node", type=int, default=None,
+                        help="torch threads of each node's training (default: this machine's "
+                             "cores divided among the nodes, at least 1)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds for the run")
     args = parser.parse_args(argv)
+    if args.threads_per_node is not None and args.threads_per_node < 1:
+        parser.error("--threads-per-node must be >= 1")
     try:
         memory_caps = {int(i): int(float(gib) * 2**30)
                        for i, gib in (item.split("=") for item in args.memory_cap)}
@@ -377,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     with LocalDeployment(args.work_dir, args.num_supernodes, args.insecure, args.data_path,
                          args.host, args.device_worker, [x for x in args.links.split(",") if x],
-                         memory_caps) as deployment:
+                         memory_caps, args.threads_per_node) as deployment:
         print(f"SuperLink on 127.0.0.1:{deployment.port} and {args.num_supernodes} SuperNodes "
               f"online ({'INSECURE' if args.insecure else 'TLS + node authentication'}) "
               f"after {time.time() - t0:.1f}s", flush=True)

@@ -138,6 +138,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = None
 
     def evaluate_global(server_round: int, arrays: ArrayRecord | dict) -> MetricRecord:
+        eval_start = time.time()
         state = arrays.to_torch_state_dict() if isinstance(arrays, ArrayRecord) else arrays
         global_state = entry.module.server_global_state(cfg, state)
         load(model, global_state)
@@ -164,6 +165,9 @@ def main(grid: Grid, context: Context) -> None:
                **summarize_client_evals(task, client_rows),
                "aggregation_error": stats.get("aggregation_error", math.nan),
                **task.attack_metrics(cfg, model, test_data),
+               "train_phase_s": stats.get("train_phase_s", math.nan),
+               "aggregate_s": stats.get("aggregate_s", math.nan),
+               "server_eval_s": round(time.time() - eval_start, 3),
                "wall_s": round(now - clock["last"], 2), "elapsed_s": round(now - clock["start"], 2)}
         clock["last"] = now
         recorder.add_round(row, [client_row(task, r) for r in client_rows])

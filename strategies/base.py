@@ -144,6 +144,7 @@ class FedGenStrategy:
         self._asked[server_round] = set(nodes)
         log.info("round %d train: %d nodes sampled", server_round, len(nodes))
         messages = self.train_messages(server_round, self._train_record, nodes, grid)
+        self.round_stats.train_started(server_round)
         if self.secure is not None:  # SecAgg+ runs the round's training
             self._secure_round = secagg.run_round(self.secure, self.round_timeout, grid,
                                                   server_round, messages)
@@ -155,6 +156,13 @@ class FedGenStrategy:
 
     def aggregate_train(self, server_round, replies):
         server_round += self.round_offset
+        self.round_stats.train_done(server_round)
+        try:
+            return self._aggregate_train(server_round, replies)
+        finally:
+            self.round_stats.aggregated(server_round)
+
+    def _aggregate_train(self, server_round, replies):
         stats = self.round_stats(server_round)
         if self.secure is not None:  # only the masked sum came back: no per-client screening
             return secagg.aggregate_round(self.robust.min_replies, server_round, stats,

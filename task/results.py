@@ -21,7 +21,8 @@ from task.config import RunConfig
 ROUND_FIELDS = ["round", "global_{f}", "whole_{f}", "whole_{c}", "train_loss", "upload_bytes",
                 "download_bytes", "eval_bytes", "num_updates", "rejected", "dropped", "failures",
                 "update_norm_median", "update_norm_max",
-                "local_global_{f}", "personalized_{f}", "personalized_global_{f}", "wall_s",
+                "local_global_{f}", "personalized_{f}", "personalized_global_{f}",
+                "train_phase_s", "aggregate_s", "server_eval_s", "wall_s",
                 "elapsed_s", "retries", "skipped", "dp_epsilon", "backdoor_success",
                 "backdoor_target_nll"]
 CLIENT_FIELDS = ["round", "partition_id", "global_{f}", "personal_{f}", "{c}", "chosen_steps",

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from certs import make_node_key  # noqa: E402
-from deploy_local import LocalDeployment  # noqa: E402
+from deploy_local import LocalDeployment, default_threads_per_node  # noqa: E402
 from simulate import merge_run_config, stop  # noqa: E402
 
 
@@ -177,9 +177,33 @@ def test_three_supernodes_with_warm_device_workers_run_two_rounds(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for r in results["rounds"][1:]:
         assert r["num_updates"] == 3 and r["failures"] == 0 and r["rejected"] == 0
+        # the round's time, split: the training messages, the aggregation, the server's evaluation
+        assert 0 < r["train_phase_s"] < r["wall_s"] and r["aggregate_s"] >= 0 and r["server_eval_s"] > 0
     for i in range(3):
         log = (dep.node_dir(i) / "device-worker.log").read_text()
         assert log.count(" train run ") == 2 and " evaluate run " in log, log[-2000:]
+        # three devices share this machine's cores: each worker trains on its share
+        assert f"torch on {default_threads_per_node(3)} threads" in log
         assert not dep.worker_socket(i).exists(), "a stopped worker removes its socket"
         adapters = list((dep.node_dir(i) / "state").glob("run-*/personal-adapter"))
         assert len(adapters) == 1 and (adapters[0] / "adapter_config.json").exists()
+
+
+def test_nodes_on_one_machine_share_its_cores(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert [default_threads_per_node(n) for n in (1, 2, 3)] == [2, 1, 1]
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [default_threads_per_node(n) for n in (1, 3, 20)] == [16, 5, 1]
+    dep = LocalDeployment(Path("unused"), 3)  # nothing starts before the with block
+    assert dep._node_env()["OMP_NUM_THREADS"] == "5"
+    assert LocalDeployment(Path("unused"), 3, threads_per_node=2)._node_env()["OMP_NUM_THREADS"] == "2"
+
+
+def test_a_rounds_wall_is_held_against_its_compute():
+    from bench.deploy_round import round_breakdown
+
+    row = {"round": 2, "wall_s": 24.0, "train_phase_s": 17.0, "aggregate_s": 0.5, "server_eval_s": 3.5}
+    x = round_breakdown(row, [10.0, 16.0, 12.0])
+    # compute: the slowest node (16) + aggregation (0.5) + evaluation (3.5) = 20; Flower 17 - 16
+    assert x["compute_s"] == 20.0 and x["ratio"] == pytest.approx(1.2) and x["flower_s"] == 1.0
+    assert round_breakdown(row, [])["ratio"] is None  # no node log for the round: no figure

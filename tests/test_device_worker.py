@@ -417,6 +417,21 @@ def test_device_worker_node_config_key():
             NodeConfig.from_node_config({"partition-id": 0, "num-partitions": 1, "device-worker": bad})
 
 
+def test_the_worker_trains_on_the_threads_it_is_given(tmp_path):
+    one = WorkerProcess(tmp_path / "state", "--threads", "1")
+    try:
+        deadline = time.time() + 180  # the log line comes once torch/peft are imported
+        while "handlers imported" not in one.log.read_text() and time.time() < deadline:
+            time.sleep(0.2)
+        assert "torch on 1 threads" in one.log.read_text()
+    finally:
+        one.stop()
+    out = subprocess.run([sys.executable, "-m", "client_app.device_worker", "--state-dir",
+                          str(tmp_path / "state"), "--threads", "-1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2 and "--threads must be >= 0" in out.stderr
+
+
 def test_fedgen_device_is_a_console_script():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["fedgen-device"].partition(":")

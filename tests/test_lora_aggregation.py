@@ -227,6 +227,8 @@ def test_hetlora_serves_each_client_its_rank_and_aggregates_all_ranks():
     np.testing.assert_allclose(a[:2], sum(_update(r, r)["m.layers.0.q" + A_SUFFIX][:2]
                                           for r in (2, 4, 8)) / 3, rtol=1e-5)
     assert strategy.round_stats[1]["aggregation_error"] > 0  # not exact, like fedavg-lora
+    # where the round's time went: sent -> replies in hand, then the aggregation
+    assert strategy.round_stats[1]["train_phase_s"] >= 0 and strategy.round_stats[1]["aggregate_s"] > 0
 
 
 def test_hetlora_with_one_rank_is_fedavg_lora():
