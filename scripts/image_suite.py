@@ -199,14 +199,20 @@ def report(size: str, out: Path, runs_planned: list[tuple[str, dict]], render: b
               + ", ".join(f"{k} {v}" for k, v in PAPER_FID.items()) + ".", "",
               "![kid](kid.png)", ""]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Per round: KID on the round's subset and the conditioning accuracy (cheap: every round).
+    fig, (ax, acc) = plt.subplots(1, 2, figsize=(11, 4.5))
     for m in methods:
         rr = by_method[m][0]["rounds"]
         ax.plot([r["round"] for r in rr], [1e3 * r["global_kid"] for r in rr], marker="o", label=m)
+        acc.plot([r["round"] for r in rr], [r.get("global_accuracy", math.nan) for r in rr],
+                 marker="o", label=m)
     ax.set(xlabel="round", ylabel="KID x 1e-3 (per-round subset)",
            title=f"KID per round ({scores.get('round', {}).get('kid', '')[:60]}...)")
-    ax.title.set_fontsize(8)
-    ax.legend(fontsize=8)
+    acc.set(xlabel="round", ylabel="conditioning accuracy", ylim=(0, 1),
+            title=f"conditioning accuracy ({scores.get('round', {}).get('accuracy', '')[:50]}...)")
+    for a in (ax, acc):
+        a.title.set_fontsize(8)
+        a.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "kid.png", dpi=100)
     plt.close(fig)
