@@ -11,7 +11,8 @@ message, then the message is handled in this process or by the device worker.
   raise a clear error: Flower reports the node as failed for that message, and the round goes
   on without it.
 
-The mods stay here, around either path: SecAgg+ masks and DP clips what the handler uploads.
+The mods stay here, around either path: the packed arrays are unpacked (and the reply's packed),
+SecAgg+ masks and DP clips what the handler uploads.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client_app.worker_protocol import (
     ConnectionClosed, ProtocolError, VersionMismatch, code_fingerprint, encode, frame_nbytes,
     read_frame, send_frame)
+from strategies.records import pack_arrays, unpack_arrays
 from strategies.secagg import secure_aggregation_mod
 from task.node import NodeConfig
 
@@ -45,6 +47,19 @@ def dp_clipping_mod(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type == MessageType.TRAIN and config and KEY_CLIPPING_NORM in config:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
+
+
+def packed_arrays_mod(msg: Message, context: Context, call_next) -> Message:
+    """The server ships a message's arrays as one packed Array (strategies/records.py: one
+    transfer instead of one per array and hop); unpacked here before the other mods and the
+    handler see them, and the reply's arrays packed the same way. A malformed packed message
+    raises: Flower reports the node as failed for it."""
+    if not unpack_arrays(msg.content):
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        pack_arrays(reply.content)
+    return reply
 
 
 def device_worker_socket(context: Context) -> str:
@@ -167,8 +182,9 @@ def _dispatch(kind: str, msg: Message, context: Context) -> Message:
     return getattr(handlers, kind)(msg, context)
 
 
-# SecAgg+ first: it masks whatever the handler (and the DP mod under it) uploads.
-@app.train(mods=[secure_aggregation_mod, dp_clipping_mod])
+# Unpacking first (the other mods see plain arrays); then SecAgg+: it masks whatever the handler
+# (and the DP mod under it) uploads.
+@app.train(mods=[packed_arrays_mod, secure_aggregation_mod, dp_clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     return _dispatch("train", msg, context)
 
@@ -178,7 +194,7 @@ def query(msg: Message, context: Context) -> Message:
     return _dispatch("query", msg, context)
 
 
-@app.evaluate()
+@app.evaluate(mods=[packed_arrays_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     return _dispatch("evaluate", msg, context)
 

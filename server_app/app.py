@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 
 from strategies.centralized import train_centralized
-from strategies.records import log, split_replies
+from strategies.records import log, pack_arrays, split_replies, unpack_arrays
 from strategies.registry import build_strategy, check_run
 from task import client_row, summarize_client_evals
 from task.adapters import (
@@ -62,18 +62,36 @@ class PromptGrid:
 
     def send_and_receive(self, messages, *, timeout: float | None = None, on_reply=None) -> list[Message]:
         """Flower's semantics (every reply, or what came before ``timeout``; None waits for
-        all); ``on_reply(reply)`` runs as each one arrives."""
+        all); ``on_reply(reply)`` runs as each one arrives. Model arrays travel packed, one
+        Array per message (strategies/records.py); replies are unpacked before anyone sees them."""
+        messages = list(messages)
+        for msg in messages:  # a packed copy of the content: the strategy's records stay as built
+            packed = RecordDict(dict(msg.content.items()))
+            if pack_arrays(packed):
+                msg.content = packed
         pending = set(self._grid.push_messages(messages))
         replies, deadline = [], None if timeout is None else time.time() + timeout
         while pending and (deadline is None or time.time() < deadline):
             for reply in self._grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
+                _unpack_reply(reply)
                 replies.append(reply)
                 if on_reply is not None:
                     on_reply(reply)
             if pending:
                 time.sleep(self._poll_s)
         return replies
+
+
+def _unpack_reply(reply: Message) -> None:
+    """A packed reply's arrays in place; a malformed one stays packed, so the strategy rejects
+    it as an update without arrays (logged here with its node)."""
+    if reply.has_error():
+        return
+    try:
+        unpack_arrays(reply.content)
+    except ValueError as err:
+        log.warning("reply from node %s: %s", reply.metadata.src_node_id, err)
 
 
 @app.main()

@@ -65,6 +65,8 @@ def test_the_server_takes_replies_as_they_come_not_every_3_seconds():
     import time
     from types import SimpleNamespace
 
+    from flwr.app import RecordDict
+
     from server_app.app import PromptGrid
 
     class SlowNodes:  # replies become available over the first pulls
@@ -77,18 +79,20 @@ def test_the_server_takes_replies_as_they_come_not_every_3_seconds():
         def pull_messages(self, ids):
             self.pulls += 1
             ready = sorted(ids)[:1] if self.pulls % 2 == 0 else []  # one reply every other pull
-            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ready]
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), content=RecordDict(),
+                                    has_error=lambda: False) for i in ready]
 
         def get_node_ids(self):
             return [7, 8, 9]
 
     grid, seen = PromptGrid(SlowNodes()), []
     t0 = time.perf_counter()
-    replies = grid.send_and_receive(["a", "b", "c"], timeout=30, on_reply=seen.append)
+    replies = grid.send_and_receive([SimpleNamespace(content=RecordDict()) for _ in range(3)],
+                                    timeout=30, on_reply=seen.append)
     took = time.perf_counter() - t0
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"] and seen == replies
     assert took < 1.0  # 6 pulls 0.1 s apart, where Flower's grid would wait 15 s
     assert grid.get_node_ids() == [7, 8, 9]  # everything else is the grid's own
     never = PromptGrid(SimpleNamespace(push_messages=lambda m: ["x"], pull_messages=lambda ids: []))
     t0 = time.perf_counter()
-    assert never.send_and_receive(["a"], timeout=0.3) == [] and time.perf_counter() - t0 < 1.0
+    assert never.send_and_receive([SimpleNamespace(content=RecordDict())], timeout=0.3) == [] and time.perf_counter() - t0 < 1.0
