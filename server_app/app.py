@@ -64,11 +64,14 @@ class PromptGrid:
         """Flower's semantics (every reply, or what came before ``timeout``; None waits for
         all); ``on_reply(reply)`` runs as each one arrives. Model arrays travel packed, one
         Array per message (strategies/records.py); replies are unpacked before anyone sees them."""
-        messages = list(messages)
-        for msg in messages:  # a packed copy of the content: the strategy's records stay as built
-            packed = RecordDict(dict(msg.content.items()))
-            if pack_arrays(packed):
-                msg.content = packed
+        messages, packed = list(messages), {}
+        for msg in messages:  # a packed copy of the content (one per shared record): the
+            key = id(msg.content)  # strategy's records stay as built
+            if key not in packed:
+                copy = RecordDict(dict(msg.content.items()))
+                packed[key] = copy if pack_arrays(copy) else None
+            if packed[key] is not None:
+                msg.content = packed[key]
         pending = set(self._grid.push_messages(messages))
         replies, deadline = [], None if timeout is None else time.time() + timeout
         while pending and (deadline is None or time.time() < deadline):

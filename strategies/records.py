@@ -133,15 +133,19 @@ def weighted_train_loss(valid: list[Valid]) -> float:
 # about 8 s of a round whose training took 3 s. So a deployment ships the model payload as one
 # Array: the arrays' exact serialized bytes side by side, plus their layout; unpacked at the
 # other end before anything else sees the message (the strategy's accounting, the client mods).
+# Payloads above PACK_MAX_BYTES (a full model) go as they are: their time is the bytes, not the
+# calls, and a packed copy would double the sender's memory for them.
 PACKED_KEY = "packed-arrays"
 PACKED_LAYOUT_KEY = "packed-layout"
+PACK_MAX_BYTES = 64 * 2**20
 
 
 def pack_arrays(content: RecordDict) -> bool:
-    """In place: ``content[ARRAYS_KEY]`` (two or more arrays) -> one uint8 Array under
-    PACKED_KEY with its layout under PACKED_LAYOUT_KEY; False (untouched) otherwise."""
+    """In place: ``content[ARRAYS_KEY]`` (two or more arrays, at most PACK_MAX_BYTES) -> one
+    uint8 Array under PACKED_KEY with its layout under PACKED_LAYOUT_KEY; False (untouched)
+    otherwise."""
     arrays = content.array_records.get(ARRAYS_KEY)
-    if arrays is None or len(arrays) < 2:
+    if arrays is None or len(arrays) < 2 or sum(len(a.data) for a in arrays.values()) > PACK_MAX_BYTES:
         return False
     layout = [[name, a.dtype, list(a.shape), a.stype, len(a.data)] for name, a in arrays.items()]
     buffer = np.frombuffer(b"".join(a.data for a in arrays.values()), dtype=np.uint8)

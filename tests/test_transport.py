@@ -48,6 +48,10 @@ def test_packing_is_one_array_and_unpacking_gives_back_the_same_bytes():
     single = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})})
     assert not pack_arrays(single) and "arrays" in single
     assert not unpack_arrays(RecordDict({"config": ConfigRecord({"a": 1})}))
+    # a full model goes as it is: its time is the bytes, and a packed copy would double memory
+    big = RecordDict({"arrays": ArrayRecord({f"w{i}": Array(np.zeros(2**22, dtype=np.float32))
+                                             for i in range(5)})})  # 80 MiB
+    assert not pack_arrays(big) and len(big["arrays"]) == 5
 
 
 def test_a_layout_that_does_not_match_its_buffer_is_refused():
@@ -119,6 +123,7 @@ def test_the_server_grid_sends_packed_and_hands_back_unpacked_replies(caplog):
     messages = [Message(record, dst_node_id=n, message_type=MessageType.TRAIN) for n in (1, 2)]
     replies = {r.content["metrics"]["i"]: r for r in grid.send_and_receive(messages)}
     assert "arrays" in record and PACKED_KEY not in record  # the strategy's record as built
+    assert grid._grid.pushed[0].content is grid._grid.pushed[1].content  # one packed copy, shared
     assert _exact(replies[0].content["arrays"]) == _exact(_arrays())
     # the malformed one stays without arrays, so the strategy rejects it; the log names the node
     assert "arrays" not in replies[1].content.array_records
