@@ -130,7 +130,7 @@ def weighted_train_loss(valid: list[Valid]) -> float:
 # Flower moves every Array of a message as its own object, pulled and pushed with one gRPC call
 # each at every hop (SuperLink -> SuperNode -> ClientApp and back, then to the ServerApp). A
 # SmolLM2 adapter is 120 small arrays: measured on loopback with TLS, the per-object calls cost
-# about 8 s of a round whose training took 3 s. So a deployment ships the model payload as one
+# about 8 s of a round whose training took 3 s. So every run ships the model payload as one
 # Array: the arrays' exact serialized bytes side by side, plus their layout; unpacked at the
 # other end before anything else sees the message (the strategy's accounting, the client mods).
 # Payloads above PACK_MAX_BYTES (a full model) go as they are: their time is the bytes, not the
@@ -164,10 +164,16 @@ def unpack_arrays(content: RecordDict) -> bool:
     try:
         layout = json.loads(content.config_records[PACKED_LAYOUT_KEY]["layout"])
         buffer = content.array_records[PACKED_KEY]["bytes"].numpy()
+        # every entry [name, dtype, shape, stype, nbytes]: a sender's mistake is an error, not a crash
+        if not isinstance(layout, list) or not all(
+                isinstance(e, list) and len(e) == 5 and isinstance(e[2], list)
+                and isinstance(e[4], int) and e[4] >= 0 for e in layout):
+            raise ValueError("the layout is not a list of [name, dtype, shape, stype, nbytes]")
+        covered = sum(e[4] for e in layout)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"malformed packed arrays: {err}") from None
-    if buffer.dtype != np.uint8 or buffer.ndim != 1 or sum(e[4] for e in layout) != buffer.size:
-        raise ValueError(f"malformed packed arrays: the layout covers {sum(e[4] for e in layout)} "
+    if buffer.dtype != np.uint8 or buffer.ndim != 1 or covered != buffer.size:
+        raise ValueError(f"malformed packed arrays: the layout covers {covered} "
                          f"bytes of a {buffer.size}-byte {buffer.dtype} buffer")
     data, offset, arrays = buffer.tobytes(), 0, {}
     for name, dtype, shape, stype, nbytes in layout:

@@ -60,9 +60,10 @@ def test_a_layout_that_does_not_match_its_buffer_is_refused():
     content["packed-layout"] = ConfigRecord({"layout": '[["w", "float32", [2], "numpy.ndarray", 7]]'})
     with pytest.raises(ValueError, match="layout covers 7 bytes"):
         unpack_arrays(content)
-    content["packed-layout"] = ConfigRecord({"layout": "not json"})
-    with pytest.raises(ValueError, match="malformed packed arrays"):
-        unpack_arrays(content)
+    for bad in ("not json", '{"w": 1}', '[["w", "float32"]]', '[["w", "float32", [2], "numpy.ndarray", "8"]]'):
+        content["packed-layout"] = ConfigRecord({"layout": bad})
+        with pytest.raises(ValueError, match="malformed packed arrays"):
+            unpack_arrays(content)
 
 
 def test_the_client_mod_hands_plain_arrays_to_the_handler_and_packs_the_reply():
