@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 import signal
 import sys
@@ -97,6 +98,23 @@ def plan(size: str, methods: list[str] | None = None, seeds: list[int] | None = 
     if ablation:
         runs += [(name, {"strategy.name": "fedavg-lora", "seed": seeds[0], **o}) for name, o in ABLATION.items()]
     return runs
+
+
+def with_finished(out: Path, runs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """The planned runs plus every other finished run of the table under ``out`` (a method's run,
+    by seed or not, or an ablation run), in the table's order, so that running one method
+    (``--methods X``) reports it beside the runs finished before, instead of alone."""
+    runs = list(runs)
+    for path in sorted(out.glob("*/results.json")):
+        name, result = path.parent.name, results_of(out, path.parent.name)
+        if result is None or name in dict(runs):
+            continue
+        method = result["config"].get("strategy.name")
+        if name in ABLATION or (method in METHODS and re.fullmatch(rf"{re.escape(method)}(-s\d+)?", name)):
+            runs.append((name, {"strategy.name": method, "seed": result["config"].get("seed")}))
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(runs, key=lambda run: (run[0] in ABLATION, order.get(run[1]["strategy.name"], len(order)),
+                                         run[1].get("seed") or 0))
 
 
 # ------------------------------------------------------------------------------ report
@@ -344,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         base.pop("run-name", None)  # each run's folder is out/<name>
         run_all(f"image suite {args.size}", out, args.cache.resolve(), args.timeout, runs, base,
                 SIZES[args.size]["clients"])
+    runs = with_finished(out, runs)
     report(args.size, out, runs)
     docs = (args.docs or ROOT / "docs" / "image" / f"suite-{args.size}").resolve()
     publish(out, docs, runs)

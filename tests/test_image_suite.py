@@ -103,3 +103,22 @@ def test_ablation_runs_fedavg_lora_at_other_ranks_and_placements_and_reports_the
     assert "| fedavg-lora | 1 | 20.00 |" in text  # the ablation's runs stay out of the table
     assert "| rank-2 | 2 | all | no | 200 | 0.00 MB | 20.00 |" in text
     assert "| layers-all-norms | 8 | all | yes | 800 |" in text and "| layers-0 | 8 | 0 | no |" in text
+
+
+def test_a_run_of_one_method_is_reported_beside_the_runs_finished_before(tmp_path):
+    from image_suite import plan, with_finished
+
+    for name, method, seed in (("fedavg-lora", "fedavg-lora", 42), ("fedper", "fedper", 42),
+                               ("fedper-s43", "fedper", 43), ("rank-2", "fedavg-lora", 42),
+                               ("other", "fedavg-lora", 42)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(method, seed, 0.02)))
+    unfinished = _results("ditto", 42, 0.02)
+    unfinished["final"] = {}
+    (tmp_path / "ditto").mkdir()
+    (tmp_path / "ditto" / "results.json").write_text(json.dumps(unfinished))
+    runs = with_finished(tmp_path, plan("fashion", methods=["local-only"]))
+    # the planned run (not finished yet: named as missing by the report), the finished runs of the
+    # table in its order, the ablation's last; an unfinished or foreign folder is not a row
+    assert [n for n, _ in runs] == ["fedavg-lora", "fedper", "fedper-s43", "local-only", "rank-2"]
+    assert dict(runs)["fedper-s43"] == {"strategy.name": "fedper", "seed": 43}
