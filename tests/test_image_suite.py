@@ -60,7 +60,10 @@ def test_report_gives_mean_and_std_over_seeds_and_the_issue_checks(tmp_path):
     assert "| fedavg-lora | 2 | 15.00 ± 1.41 |" in text
     assert "| fedavg-full | 2 | 25.00 ± 7.07 |" in text and "| pre-trained backbone (round 0) | - | 50.00 |" in text
     assert "fedavg-lora vs fedavg-full: KID 15.00 vs 25.00: lower (better)" in text
-    assert "fedavg-lora vs local-only: KID 15.00 vs 10.00: NOT lower" in text
+    # local-only has no global model: held to its clients' own adapters (personalized = 1.5 x kid here)
+    assert "| local-only (global = the backbone) | 2 | 10.00 ± 0.00 |" in text
+    assert ("fedavg-lora vs local-only (personalized KID on the protocol clients' own classes; local-only "
+            "has no global model): 22.50 vs 15.00: NOT lower") in text
     assert "fedavg-lora / centralized-lora KID: 1.36x (within 1.5x)" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mean_kid"]["fedavg-lora"] == pytest.approx(0.015) and summary["seeds"] == [42, 43]
