@@ -292,6 +292,7 @@ class ImageConfig:
     discriminator_width: int = 32
     discriminator_learning_rate: float = 2e-4
     keep_discriminator: bool = True
+    discriminator_warmup_steps: int = 0
     pretrain_steps: int = 1500
     pretrain_fraction: float = 0.1
     lora_layers: str = "all"
@@ -321,6 +322,7 @@ class ImageConfig:
         for key in ("kid_subsets", "accuracy_per_class", "classifier_steps"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.discriminator_learning_rate > 0, "discriminator_learning_rate", "must be > 0")
+        need(self.discriminator_warmup_steps >= 0, "discriminator_warmup_steps", "must be >= 0 (0 = none)")
         need(0.0 < self.pretrain_fraction < 1.0, "pretrain_fraction", "must be in (0, 1)")
         need(self.torch_threads >= 0, "torch_threads", "must be >= 0 (0 = torch's default)")
         layers = self.lora_layer_indices()

@@ -108,13 +108,53 @@ def test_a_client_keeps_its_discriminator_between_training_calls(tmp_path):
         train_call(1)  # starts from the pre-trained copy, saves the trained one
         first = torch.load(path, weights_only=True)
         assert any(not torch.equal(first[k], v) for k, v in generator.discriminator_state.items())
-        assert all(torch.equal(first[k], v) for k, v in private_discriminator(generator).state_dict().items())
+        assert all(torch.equal(first[k], v) for k, v in private_discriminator(generator)[0].state_dict().items())
         train_call(2)  # starts from the kept one
         second = torch.load(path, weights_only=True)
         assert any(not torch.equal(first[k], second[k]) for k in first)
     # without a kept file (image.keep-discriminator = false) every call starts from the pre-trained copy
-    fresh = private_discriminator(generator).state_dict()
+    fresh = private_discriminator(generator)[0].state_dict()
     assert all(torch.equal(fresh[k], v) for k, v in generator.discriminator_state.items())
+
+
+def test_discriminator_warm_up_trains_only_the_critic_and_only_a_fresh_copy(tmp_path, monkeypatch):
+    import task.image.train as image_train
+    from task.adapters import initial_adapter_state, set_adapter_state, shared_lora_model
+    from task.image import TASK
+
+    cfg = image_cfg(tmp_path)
+    model = shared_lora_model(cfg)
+    set_adapter_state(model, initial_adapter_state(cfg))
+    generator = model.get_base_model()
+    rows, _ = client_image_rows(cfg, 0, 10)
+    disc, fresh = image_train.private_discriminator(generator)
+    assert fresh
+    generator_before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=image_train.ADAM_BETAS)
+    gen = torch.Generator().manual_seed(0)
+    first = image_train.warm_up_discriminator(model, disc, opt, rows, 1, 16, gen, lambda x: x)
+    last = image_train.warm_up_discriminator(model, disc, opt, rows, 40, 16, gen, lambda x: x)
+    assert last < first  # the critic learned to tell the generator's images from the real ones
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in generator_before.items())
+
+    # local training warms up a fresh copy only, not the client's kept critic
+    calls = []
+    monkeypatch.setattr(image_train, "warm_up_discriminator", lambda *a: calls.append(a[4]))
+    monkeypatch.setattr(generator, "discriminator_warmup_steps", 7)
+    with image_train.kept_discriminator(tmp_path / "client-0000" / "discriminator.pt"):
+        for seed in (1, 2):
+            TASK.train(model, rows, epochs=1, batch_size=8, lr=1e-3, max_steps=1, seed=seed)
+    assert calls == [7]
+
+
+def test_a_process_running_two_configs_gives_each_its_own_discriminator_settings(tmp_path):
+    from task.adapters import shared_lora_model
+
+    default = shared_lora_model(image_cfg(tmp_path)).get_base_model()
+    other = shared_lora_model(image_cfg(tmp_path, **{"image.discriminator-learning-rate": 1e-5,
+                                                     "image.discriminator-warmup-steps": 3})).get_base_model()
+    assert (default.discriminator_lr, default.discriminator_warmup_steps) == (2e-4, 0)
+    assert (other.discriminator_lr, other.discriminator_warmup_steps) == (1e-5, 3)
 
 
 def test_public_split_is_disjoint_and_dirichlet_skews_labels(tmp_path):

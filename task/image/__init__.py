@@ -63,8 +63,11 @@ class ImageGeneration:
         pass  # peft's own (and our transposed-conv) LoRA layers need nothing more
 
     def model_key(self, cfg) -> tuple:
+        # the discriminator's settings ride on the loaded backbone (train.load_generator_backbone),
+        # so a process that runs two configs (bench, the device worker) must not share it across them
         return (cfg.data.dataset, cfg.image.generator_width, cfg.image.discriminator_width,
-                cfg.image.pretrain_steps, cfg.image.pretrain_fraction)
+                cfg.image.pretrain_steps, cfg.image.pretrain_fraction,
+                cfg.image.discriminator_learning_rate, cfg.image.discriminator_warmup_steps)
 
     def parameter_counts(self, peft_model) -> tuple[int, int]:
         return lora_parameter_counts(peft_model)

@@ -307,6 +307,7 @@ def load_generator_backbone(cfg: RunConfig) -> ConditionalGenerator:
     generator.discriminator_state = torch.load(target / "discriminator.pt", weights_only=True)
     generator.discriminator_width = cfg.image.discriminator_width
     generator.discriminator_lr = cfg.image.discriminator_learning_rate
+    generator.discriminator_warmup_steps = cfg.image.discriminator_warmup_steps
     generator.pretrain_record = record
     return generator
 
@@ -332,14 +333,39 @@ def kept_discriminator(path: Path | None):
         _DISCRIMINATOR_FILE.reset(token)
 
 
-def private_discriminator(generator: ConditionalGenerator) -> ConditionalDiscriminator:
-    """The client's discriminator: its kept one if it has one, else a copy of the pre-trained."""
+def private_discriminator(generator: ConditionalGenerator) -> tuple[ConditionalDiscriminator, bool]:
+    """The client's discriminator: its kept one if it has one, else a copy of the pre-trained;
+    and whether it is such a fresh copy."""
     c = generator.config
     disc = ConditionalDiscriminator(c.num_classes, c.channels, generator.discriminator_width)
     path = _DISCRIMINATOR_FILE.get()
     kept = path is not None and path.exists()
     disc.load_state_dict(torch.load(path, weights_only=True) if kept else generator.discriminator_state)
-    return disc
+    return disc, not kept
+
+
+def warm_up_discriminator(model: nn.Module, discriminator: nn.Module, opt_d, rows: torch.Tensor,
+                          steps: int, batch_size: int, gen: torch.Generator,
+                          augment: Callable[[torch.Tensor], torch.Tensor]) -> float:
+    """``steps`` discriminator-only hinge steps against the current, unchanged generator on
+    random batches of ``rows``; returns the last loss. Why: the pre-trained discriminator was
+    trained against the raw generator, while the backbone is its EMA, a different (better)
+    generator; a fresh copy's first gradients would push the adapter toward the raw generator's
+    images. Warmed up, the critic first learns what still tells the backbone's images from the
+    client's real ones."""
+    channels, loss = base_generator(model).config.channels, math.nan
+    for _ in range(steps):
+        batch = rows[torch.randint(len(rows), (min(batch_size, len(rows)),), generator=gen)]
+        real, labels = unpack_rows(batch, channels)
+        with torch.no_grad():
+            fake = model(torch.randn(len(real), NOISE_DIM, generator=gen), labels)
+        out = discriminator(augment(torch.cat([real, fake])), torch.cat([labels, labels]))
+        d_loss = d_hinge_loss(out[:len(real)], out[len(real):])
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        loss = d_loss.item()
+    return loss
 
 
 def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_size: int,
@@ -362,7 +388,7 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
     generator, whose fakes go through the same transforms, still learns unaugmented images."""
     generator = base_generator(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    discriminator = private_discriminator(generator)
+    discriminator, fresh = private_discriminator(generator)
     opt_g = torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay)
     opt_d = torch.optim.Adam(discriminator.parameters(), lr=generator.discriminator_lr,
                              betas=ADAM_BETAS)
@@ -370,6 +396,9 @@ def train_gan_local(model: nn.Module, rows: torch.Tensor, *, epochs: int, batch_
     augment = DiffAugment(gen)
     torch.manual_seed(seed)  # LoRA dropout
     model.train()
+    if fresh and getattr(generator, "discriminator_warmup_steps", 0):
+        warm_up_discriminator(model, discriminator, opt_d, rows, generator.discriminator_warmup_steps,
+                              batch_size, gen, augment)
     losses: list[float] = []
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     total = epochs * steps_per_epoch if not max_steps else min(max_steps, epochs * steps_per_epoch)
