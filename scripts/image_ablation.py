@@ -119,7 +119,12 @@ def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
             set_adapter_state(model, states[-1])
             report("global", rnd, model)
 
-    federate(cfg, args.num_clients, samples, on_round=on_round)
+    stats = federate(cfg, args.num_clients, samples, on_round=on_round)
+    print("RESULT " + json.dumps({"set": args.set, "model": "cost", "rounds": args.rounds,
+                                  "adapter_params": task.parameter_counts(model)[0],
+                                  "upload_bytes_per_round": sum(stats["upload_bytes"]) / args.rounds,
+                                  "train_s": round(sum(stats["client_s"]) + sum(stats["server_s"]), 1)}),
+          flush=True)
     averages = {f"ema-{d}": ema_states(states, float(d)) for d in args.ema.split(",") if d}
     if args.polyak:
         averages["polyak"] = {k: torch.stack([s[k] for s in states[1:]]).mean(0) for k in states[0]}
