@@ -19,7 +19,7 @@ def test_pyproject_defaults_parse_and_match_the_dataclasses():
     assert cfg == RunConfig()  # one source of truth: no drift between pyproject and code
     assert set(DEFAULTS) == set(RunConfig.key_types())
     assert cfg.flat() == DEFAULTS
-    assert len(DEFAULTS) == 101 and len(RENAMED) == 73  # 6 top-level keys kept their names, run-name is new; 5 protocol keys (issue 15); the eval keys count tokens; 8 image score keys, client-fid-images renamed, 2 LoRA placement keys (issue 16); 5 attacker keys, 2 multikrum keys, secagg.client-clip-norm (issue 18)
+    assert len(DEFAULTS) == 102 and len(RENAMED) == 73  # 6 top-level keys kept their names, run-name is new; 5 protocol keys (issue 15); the eval keys count tokens; 8 image score keys, client-fid-images renamed, 2 LoRA placement keys, the discriminator warm-up (issue 16); 5 attacker keys, 2 multikrum keys, secagg.client-clip-norm (issue 18)
 
 
 def test_every_pyproject_key_has_a_comment():
