@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -38,6 +39,9 @@ from simulate import merge_run_config  # noqa: E402
 from task import get_task  # noqa: E402
 from task.adapters import initial_adapter_state, set_adapter_state, shared_lora_model  # noqa: E402
 from task.config import RunConfig  # noqa: E402
+from task.image.data import load_images  # noqa: E402
+from task.image.model import build_generator  # noqa: E402
+from task.image.train import backbone_dir  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,8 +80,6 @@ def ema_states(states: list[dict], decay: float) -> dict:
 
 
 def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
-    import torch
-
     task = get_task(cfg)
     if task.caps.metric != "kid":
         raise SystemExit(f"{args.conf}: an image-task config (KID) is needed")
@@ -99,10 +101,6 @@ def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
         print("RESULT " + json.dumps(row), flush=True)
 
     if args.raw_backbone:
-        from task.image.data import load_images
-        from task.image.model import build_generator
-        from task.image.train import backbone_dir
-
         data = load_images(cfg)
         raw = build_generator(cfg, data.num_classes, data.channels)
         raw.load_state_dict(torch.load(backbone_dir(cfg) / "generator-raw.pt", weights_only=True))
