@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -62,6 +63,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=TOML",
                         help="run-config overrides, e.g. image.keep-discriminator=false")
     args = parser.parse_args(argv)
+    try:
+        decays = [float(d) for d in args.ema.split(",") if d]
+        scored = [int(r) for r in args.score_rounds.split(",") if r]
+    except ValueError as err:
+        parser.error(f"--ema / --score-rounds: {err}")
+    if bad := [d for d in decays if not 0.0 <= d < 1.0]:
+        parser.error(f"--ema: decays must be in [0, 1), not {bad}")
+    if bad := [r for r in scored if not 0 <= r <= args.rounds]:
+        parser.error(f"--score-rounds: {bad} not in 0..{args.rounds} (--rounds)")
     extra = [f"image.round-kid-images={args.kid_images}"] if args.kid_images else []
     run_config = merge_run_config([f"cache-dir='{ROOT / '.cache' / 'fedgen'}'", args.conf, *extra, *args.set])
     with tempfile.TemporaryDirectory(prefix="image-ablation-") as out:  # the clients' kept state
@@ -95,9 +105,11 @@ def ablate(cfg: RunConfig, args: argparse.Namespace) -> None:
 
     def report(name: str, rnd: int, net) -> None:
         figures = task.figures([{f"global-{k}": v for k, v in evaluate(net).items()}], "global")
+        fid = figures.get("fid")  # measured in the final scope only (NaN or absent otherwise)
         row = {"set": args.set, "model": name, "round": rnd, "kid": figures["kid"],
                "kid_std": figures["kid_std"], "accuracy": figures.get("accuracy"),
-               "fid": figures.get("fid"), "elapsed_s": round(time.time() - t0)}
+               "fid": fid if isinstance(fid, float) and math.isfinite(fid) else None,
+               "elapsed_s": round(time.time() - t0)}
         print("RESULT " + json.dumps(row), flush=True)
 
     if args.raw_backbone:
